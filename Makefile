@@ -1,0 +1,27 @@
+# Every target installs what it needs first; `make test` works on a fresh Debian machine.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: setup test test-fast lint bench sounds demo clean
+
+setup:
+	bash scripts/setup.sh
+
+test: setup
+	bash scripts/test.sh
+
+lint: setup
+	$(VENV)/bin/ruff check prepaid agi ami_listener policy tests bench
+	$(VENV)/bin/mypy prepaid agi ami_listener policy
+
+bench: setup
+	$(PY) -m bench
+
+sounds:
+	bash scripts/make-sounds.sh
+
+demo: setup
+	$(PY) -m tests.demo
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
