@@ -1,0 +1,256 @@
+"""Configuration: one TOML file parsed once into frozen settings; errors name the key and file.
+
+Secrets may come from the environment instead of the file: ``PREPAID_REDIS_URL``,
+``PREPAID_AMI_SECRET``, ``PREPAID_SMTP_PASSWORD`` and ``STRIPE_API_KEY``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from prepaid.errors import ConfigError, InputError
+from prepaid.money import check_currency, currency_decimals, parse_amount
+from prepaid.ratedeck import Normalisation
+
+ENV_CONFIG = "PREPAID_CONFIG"
+DEFAULT_PATHS = (Path("/etc/asterisk-prepaid/prepaid.toml"),)
+ACCOUNT_SOURCES = ("variable", "accountcode", "callerid")
+ACTIONS = ("none", "email", "topup")
+
+
+@dataclass(frozen=True)
+class RedisSettings:
+    url: str = "redis://127.0.0.1:6379/0"
+    key_prefix: str = "prepaid"
+    timeout: float = 2.0
+
+    @property
+    def safe_url(self) -> str:
+        """The URL without its password, for messages and logs."""
+        return re.sub(r"//([^:@/]*):[^@/]*@", r"//\1:***@", self.url)
+
+
+@dataclass(frozen=True)
+class BillingSettings:
+    currency: str = "EUR"
+    rates: Path | None = None
+    international_prefixes: tuple[str, ...] = ("+", "00")
+    national_prefix: str = ""
+    country_code: str = ""
+    max_call_seconds: int = 3 * 3600
+
+    @property
+    def decimals(self) -> int:
+        return currency_decimals(self.currency)
+
+    @property
+    def normalisation(self) -> Normalisation:
+        return Normalisation(self.international_prefixes, self.national_prefix, self.country_code)
+
+
+@dataclass(frozen=True)
+class AmiSettings:
+    host: str = "127.0.0.1"
+    port: int = 5038
+    username: str = "prepaid"
+    secret: str = ""
+    reconnect_max_seconds: float = 30.0
+    warning_seconds: int = 60
+
+
+@dataclass(frozen=True)
+class AgiSettings:
+    listen: str = "127.0.0.1:4573"
+    account_sources: tuple[str, ...] = ACCOUNT_SOURCES
+    fail_open: bool = False
+    hangup_on_deny: bool = True
+    timeout: float = 3.0
+    warning_ms: int = 60_000
+    allow: tuple[str, ...] = ()
+
+    @property
+    def host(self) -> str:
+        return self.listen.rsplit(":", 1)[0].strip("[]")
+
+    @property
+    def port(self) -> int:
+        return int(self.listen.rsplit(":", 1)[1])
+
+
+@dataclass(frozen=True)
+class SmtpSettings:
+    host: str = "127.0.0.1"
+    port: int = 25
+    username: str = ""
+    password: str = ""
+    sender: str = "prepaid@localhost"
+    starttls: bool = False
+    timeout: float = 10.0
+    templates: Path | None = None
+
+
+@dataclass(frozen=True)
+class PolicySettings:
+    threshold: int = 0  # micro-units; default for new accounts
+    action: str = "none"
+    topup_amount: int = 0
+    presets: tuple[int, ...] = (5_000_000, 10_000_000, 20_000_000, 50_000_000)
+    max_topup: int = 100_000_000
+    daily_topups: int = 3
+    daily_topup_amount: int = 200_000_000
+    max_declines: int = 3
+    decline_backoff_seconds: int = 3600
+
+
+@dataclass(frozen=True)
+class PaymentsSettings:
+    gateway: str = "sandbox"
+    stripe_api_key: str = ""
+    stripe_api_base: str = ""
+
+
+@dataclass(frozen=True)
+class Settings:
+    source: str = "<defaults>"
+    redis: RedisSettings = field(default_factory=RedisSettings)
+    billing: BillingSettings = field(default_factory=BillingSettings)
+    ami: AmiSettings = field(default_factory=AmiSettings)
+    agi: AgiSettings = field(default_factory=AgiSettings)
+    smtp: SmtpSettings = field(default_factory=SmtpSettings)
+    policy: PolicySettings = field(default_factory=PolicySettings)
+    payments: PaymentsSettings = field(default_factory=PaymentsSettings)
+
+
+# Keys whose TOML value is an amount in currency units; they are stored in micro-units.
+_MONEY_KEYS = {("policy", "threshold"), ("policy", "topup_amount"), ("policy", "max_topup"),
+               ("policy", "daily_topup_amount")}
+_RENAMED = {("smtp", "from"): "sender"}  # TOML name -> attribute
+_ENV = {("redis", "url"): "PREPAID_REDIS_URL", ("ami", "secret"): "PREPAID_AMI_SECRET",
+        ("smtp", "password"): "PREPAID_SMTP_PASSWORD",
+        ("payments", "stripe_api_key"): "STRIPE_API_KEY"}
+
+
+def _convert(section: str, key: str, value: Any, default: Any, where: str) -> Any:
+    name = f"[{section}] {key}"
+    if (section, key) in _MONEY_KEYS or (section, key) == ("policy", "presets"):
+        items = value if isinstance(value, list) else [value]
+        out = []
+        for item in items:
+            if isinstance(item, bool) or not isinstance(item, (int, str, float)):
+                raise ConfigError(f"{where}: {name} must be an amount like \"5.00\"")
+            try:
+                out.append(parse_amount(str(item), what=name, allow_zero=True))
+            except InputError as exc:
+                raise ConfigError(f"{where}: {exc}") from None
+        return tuple(out) if isinstance(value, list) else out[0]
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: {name} must be true or false, not {value!r}")
+        return value
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ConfigError(f"{where}: {name} must be a whole number >= 0, not {value!r}")
+        return value
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise ConfigError(f"{where}: {name} must be a positive number, not {value!r}")
+        return float(value)
+    if isinstance(default, tuple):
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{where}: {name} must be a list of strings")
+        return tuple(value)
+    if default is None or isinstance(default, Path):
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{where}: {name} must be a path")
+        path = Path(value)
+        # Relative paths are relative to the config file, not to where the command runs.
+        return path if path.is_absolute() or where.startswith("<") else Path(where).parent / path
+    if not isinstance(value, str):
+        raise ConfigError(f"{where}: {name} must be a string, not {value!r}")
+    return value
+
+
+def _section(cls: type[Any], section: str, table: Mapping[str, Any], where: str,
+             env: Mapping[str, str]) -> Any:
+    known = {f.name: f for f in fields(cls)}
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        attr = _RENAMED.get((section, key), key)
+        if attr not in known:
+            raise ConfigError(f"{where}: unknown key [{section}] {key}")
+        values[attr] = _convert(section, key, value, getattr(cls(), attr), where)
+    for (sec, key), var in _ENV.items():
+        if sec == section and env.get(var):
+            values[key] = env[var]
+    return cls(**values)
+
+
+def _validate(s: Settings, where: str) -> None:
+    try:
+        check_currency(s.billing.currency)
+    except InputError as exc:
+        raise ConfigError(f"{where}: [billing] currency: {exc}") from None
+    if not re.match(r"^(rediss?|unix|redis\+sentinel)://", s.redis.url):
+        raise ConfigError(f"{where}: [redis] url {s.redis.safe_url!r} must start with "
+                          "redis://, rediss:// or unix://")
+    if not re.match(r"^[^:]+:[0-9]{1,5}$|^\[[0-9a-fA-F:]+\]:[0-9]{1,5}$", s.agi.listen):
+        raise ConfigError(f"{where}: [agi] listen {s.agi.listen!r} must be HOST:PORT")
+    bad = [x for x in s.agi.account_sources if x not in ACCOUNT_SOURCES]
+    if bad or not s.agi.account_sources:
+        raise ConfigError(f"{where}: [agi] account_sources may hold only "
+                          f"{', '.join(ACCOUNT_SOURCES)}")
+    if s.policy.action not in ACTIONS:
+        raise ConfigError(f"{where}: [policy] action {s.policy.action!r} must be one of "
+                          f"{', '.join(ACTIONS)}")
+    if s.payments.gateway not in ("sandbox", "stripe"):
+        raise ConfigError(f"{where}: [payments] gateway {s.payments.gateway!r} must be "
+                          "\"sandbox\" or \"stripe\"")
+    if s.billing.max_call_seconds < 1:
+        raise ConfigError(f"{where}: [billing] max_call_seconds must be at least 1")
+
+
+_SECTIONS: dict[str, type[Any]] = {
+    "redis": RedisSettings, "billing": BillingSettings, "ami": AmiSettings, "agi": AgiSettings,
+    "smtp": SmtpSettings, "policy": PolicySettings, "payments": PaymentsSettings,
+}
+
+
+def parse(data: Mapping[str, Any], where: str = "<config>",
+          env: Mapping[str, str] | None = None) -> Settings:
+    env = os.environ if env is None else env
+    for name, table in data.items():
+        if name not in _SECTIONS:
+            raise ConfigError(f"{where}: unknown section [{name}]")
+        if not isinstance(table, dict):
+            raise ConfigError(f"{where}: [{name}] must be a table")
+    parts = {name: _section(cls, name, data.get(name, {}), where, env)
+             for name, cls in _SECTIONS.items()}
+    settings = Settings(source=where, **parts)
+    _validate(settings, where)
+    return settings
+
+
+def load(path: Path | None = None, env: Mapping[str, str] | None = None) -> Settings:
+    """Load the file named, else ``$PREPAID_CONFIG``, else the system path, else defaults."""
+    env = os.environ if env is None else env
+    if path is None and env.get(ENV_CONFIG):
+        path = Path(env[ENV_CONFIG])
+    if path is None:
+        path = next((p for p in DEFAULT_PATHS if p.exists()), None)
+        if path is None:
+            return parse({}, "<defaults>", env)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    return parse(data, str(path), env)

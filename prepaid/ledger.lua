@@ -1,0 +1,104 @@
+-- The credit ledger: every balance change of one account in one atomic step.
+-- KEYS: 1 account hash, 2 holds hash, 3 history stream, 4 idempotency hash, 5 policy outbox
+-- ARGV: 1 op, 2 idempotency key, 3 amount (micro-units), 4 reference, 5 hold id, 6 flags
+-- Reply: {status, balance, held, history entry id, crossed (0/1), hold amount}
+-- status is OK, DUP (same key seen: the first result is returned) or an error code.
+local acct, holds, hist, idem, outbox = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local op, key, ref, hold, flags = ARGV[1], ARGV[2], ARGV[4], ARGV[5], ARGV[6]
+local amount = tonumber(ARGV[3])
+local LIMIT = 9000000000000000  -- stay inside the exact range of Lua's doubles
+
+local function fmt(n) return string.format('%d', n) end
+
+if redis.call('EXISTS', acct) == 0 then
+  return {'NO_ACCOUNT', 0, 0, '', 0, 0}
+end
+local balance = tonumber(redis.call('HGET', acct, 'balance'))
+local held = tonumber(redis.call('HGET', acct, 'held'))
+
+if key ~= '' then
+  local prev = redis.call('HGET', idem, key)
+  if prev then
+    local f = {}
+    for part in string.gmatch(prev, '([^|]*)|?') do table.insert(f, part) end
+    if f[1] ~= op or f[2] ~= ARGV[3] then
+      return {'IDEM_CONFLICT', balance, held, '', 0, 0}
+    end
+    return {'DUP', tonumber(f[3]), tonumber(f[4]), f[5], tonumber(f[6]), tonumber(f[7])}
+  end
+end
+
+if amount == nil or amount < 0 or amount > LIMIT then
+  return {'BAD_AMOUNT', balance, held, '', 0, 0}
+end
+
+local old_balance = balance
+local hold_amount = 0
+local delta = 0
+
+if op == 'credit' then
+  if amount <= 0 then return {'BAD_AMOUNT', balance, held, '', 0, 0} end
+  if balance + amount > LIMIT then return {'OVERFLOW', balance, held, '', 0, 0} end
+  delta = amount
+elseif op == 'debit' then
+  if amount <= 0 then return {'BAD_AMOUNT', balance, held, '', 0, 0} end
+  if flags ~= 'force' and balance - held < amount then
+    return {'NO_CREDIT', balance, held, '', 0, 0}
+  end
+  delta = -amount
+elseif op == 'reserve' then
+  if amount <= 0 then return {'BAD_AMOUNT', balance, held, '', 0, 0} end
+  if redis.call('HGET', acct, 'status') ~= 'active' then
+    return {'SUSPENDED', balance, held, '', 0, 0}
+  end
+  if redis.call('HEXISTS', holds, hold) == 1 then
+    return {'HOLD_EXISTS', balance, held, '', 0, 0}
+  end
+  if balance - held < amount then return {'NO_CREDIT', balance, held, '', 0, 0} end
+  redis.call('HSET', holds, hold, fmt(amount))
+  held = held + amount
+  hold_amount = amount
+elseif op == 'settle' or op == 'release' then
+  local h = redis.call('HGET', holds, hold)
+  if h then hold_amount = tonumber(h) end
+  if op == 'release' and not h then return {'NO_HOLD', balance, held, '', 0, 0} end
+  if op == 'settle' and amount > 0 then
+    if flags ~= 'force' and balance - (held - hold_amount) < amount then
+      return {'NO_CREDIT', balance, held, '', 0, 0}
+    end
+    delta = -amount
+  end
+  if h then
+    redis.call('HDEL', holds, hold)
+    held = held - hold_amount
+  end
+else
+  return {'BAD_OP', balance, held, '', 0, 0}
+end
+
+balance = balance + delta
+redis.call('HSET', acct, 'balance', fmt(balance), 'held', fmt(held))
+
+local entry = redis.call('XADD', hist, '*', 'kind', op, 'amount', fmt(delta),
+  'balance', fmt(balance), 'held', fmt(held), 'ref', ref, 'hold', hold, 'key', key)
+
+-- Threshold crossing: only the change that takes the balance from at-or-above the
+-- threshold to below it emits an event, so concurrent debits yield exactly one.
+local crossed = 0
+if delta < 0 then
+  local p = redis.call('HMGET', acct, 'threshold', 'action', 'policy_enabled', 'topup_amount')
+  local threshold = tonumber(p[1] or '0') or 0
+  if p[2] and p[2] ~= 'none' and p[3] == '1' and threshold > 0
+      and old_balance >= threshold and balance < threshold then
+    crossed = 1
+    redis.call('XADD', outbox, '*', 'account', redis.call('HGET', acct, 'id'),
+      'crossing', entry, 'action', p[2], 'balance', fmt(balance),
+      'threshold', fmt(threshold), 'topup_amount', p[4] or '0')
+  end
+end
+
+if key ~= '' then
+  redis.call('HSET', idem, key, table.concat({op, ARGV[3], fmt(balance), fmt(held), entry,
+    tostring(crossed), fmt(hold_amount)}, '|'))
+end
+return {'OK', balance, held, entry, crossed, hold_amount}

@@ -1,0 +1,262 @@
+"""The Redis credit ledger: atomic, idempotent balance changes with a per-account history.
+
+Every change runs ``ledger.lua`` as one server-side script.  All keys of an account
+share the hash tag ``{acct:ID}`` so a script touches one cluster slot; the policy
+outbox is the one shared stream (see docs/design.md).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from prepaid.errors import InputError, LedgerError, StoreUnavailable, UnknownAccount
+from prepaid.money import check_currency
+
+_ACCOUNT_RE = re.compile(r"^[A-Za-z0-9_.+@-]{1,64}$")
+_LEDGER_LUA = resources.files("prepaid").joinpath("ledger.lua").read_text()
+
+_CREATE_LUA = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], 'id', ARGV[1], 'currency', ARGV[2], 'email', ARGV[3],
+  'status', 'active', 'balance', '0', 'held', '0', 'created', ARGV[4],
+  'threshold', ARGV[5], 'action', ARGV[6], 'topup_amount', ARGV[7], 'policy_enabled', ARGV[8])
+redis.call('XADD', KEYS[2], '*', 'kind', 'open', 'amount', '0', 'balance', '0', 'held', '0',
+  'ref', 'account created', 'hold', '', 'key', '')
+return 1
+"""
+
+# Fields an admin may change without touching money; balance and held are ledger-only.
+_SETTABLE = {"email", "status", "threshold", "action", "topup_amount", "policy_enabled",
+             "card_token", "card_brand", "card_last4", "card_exp", "declines",
+             "decline_until"}
+_UPDATE_LUA = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV))
+return 1
+"""
+
+
+def check_account_id(account: str) -> str:
+    if not _ACCOUNT_RE.match(account):
+        raise InputError(f"account id {account!r} must be 1-64 letters, digits or _.+@-")
+    return account
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """What one ledger call left behind."""
+
+    balance: int
+    held: int
+    entry: str
+    crossed: bool
+    hold_amount: int
+    duplicate: bool
+
+    @property
+    def available(self) -> int:
+        return self.balance - self.held
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    id: str
+    kind: str
+    amount: int
+    balance: int
+    held: int
+    ref: str
+
+    @property
+    def time(self) -> float:
+        return int(self.id.split("-", 1)[0]) / 1000
+
+
+@dataclass(frozen=True, slots=True)
+class Account:
+    id: str
+    currency: str
+    email: str
+    status: str
+    balance: int
+    held: int
+    created: float
+    threshold: int
+    action: str
+    topup_amount: int
+    policy_enabled: bool
+    card_brand: str
+    card_last4: str
+    card_exp: str
+    card_token: str
+
+    @property
+    def available(self) -> int:
+        return self.balance - self.held
+
+    @property
+    def has_card(self) -> bool:
+        return bool(self.card_token)
+
+    @classmethod
+    def from_hash(cls, h: dict[str, str]) -> Account:
+        return cls(
+            id=h["id"], currency=h.get("currency", ""), email=h.get("email", ""),
+            status=h.get("status", "active"), balance=int(h.get("balance", "0")),
+            held=int(h.get("held", "0")), created=float(h.get("created", "0")),
+            threshold=int(h.get("threshold", "0") or 0), action=h.get("action", "none"),
+            topup_amount=int(h.get("topup_amount", "0") or 0),
+            policy_enabled=h.get("policy_enabled", "0") == "1",
+            card_brand=h.get("card_brand", ""), card_last4=h.get("card_last4", ""),
+            card_exp=h.get("card_exp", ""), card_token=h.get("card_token", ""),
+        )
+
+
+class Ledger:
+    """Async access to accounts and their balances in one Redis."""
+
+    def __init__(self, client: aioredis.Redis, prefix: str = "prepaid", url: str = "") -> None:
+        self.redis = client
+        self.prefix = prefix
+        self.url = url
+        self._ledger = client.register_script(_LEDGER_LUA)
+        self._create = client.register_script(_CREATE_LUA)
+        self._update = client.register_script(_UPDATE_LUA)
+
+    # -- keys --------------------------------------------------------------
+    def account_key(self, account: str) -> str:
+        return f"{self.prefix}:{{acct:{account}}}"
+
+    def keys(self, account: str) -> list[str]:
+        base = self.account_key(account)
+        return [base, f"{base}:holds", f"{base}:history", f"{base}:idem", self.outbox_key]
+
+    @property
+    def outbox_key(self) -> str:
+        return f"{self.prefix}:outbox"
+
+    @property
+    def index_key(self) -> str:
+        return f"{self.prefix}:accounts"
+
+    # -- errors ------------------------------------------------------------
+    async def _call(self, coro: Any) -> Any:
+        try:
+            return await coro
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable(f"Redis at {self.url or 'the configured URL'} is unavailable: "
+                                   f"{exc}") from exc
+
+    # -- accounts ----------------------------------------------------------
+    async def create_account(self, account: str, *, currency: str, email: str = "",
+                             threshold: int = 0, action: str = "none",
+                             topup_amount: int = 0) -> Account:
+        check_account_id(account)
+        check_currency(currency)
+        enabled = "1" if action != "none" else "0"
+        made = await self._call(self._create(
+            keys=[self.account_key(account), self.keys(account)[2]],
+            args=[account, currency, email, f"{time.time():.3f}", str(threshold), action,
+                  str(topup_amount), enabled]))
+        if not made:
+            raise InputError(f"account {account!r} already exists")
+        await self._call(self.redis.zadd(self.index_key, {account: time.time()}))
+        return await self.get(account)
+
+    async def get(self, account: str) -> Account:
+        check_account_id(account)
+        h = await self._call(self.redis.hgetall(self.account_key(account)))
+        if not h:
+            raise UnknownAccount(account)
+        return Account.from_hash({k.decode(): v.decode() for k, v in h.items()})
+
+    async def update(self, account: str, **values: str) -> Account:
+        bad = set(values) - _SETTABLE
+        if bad:
+            raise ValueError(f"not settable: {', '.join(sorted(bad))}")
+        check_account_id(account)
+        args = [x for kv in values.items() for x in kv]
+        if not await self._call(self._update(keys=[self.account_key(account)], args=args)):
+            raise UnknownAccount(account)
+        return await self.get(account)
+
+    async def list_ids(self) -> list[str]:
+        ids = await self._call(self.redis.zrange(self.index_key, 0, -1))
+        return [i.decode() for i in ids]
+
+    async def history(self, account: str, limit: int = 20) -> list[Entry]:
+        """Newest first."""
+        await self.get(account)
+        rows = await self._call(self.redis.xrevrange(self.keys(account)[2], count=limit))
+        out = []
+        for entry_id, f in rows:
+            d = {k.decode(): v.decode() for k, v in f.items()}
+            out.append(Entry(entry_id.decode(), d["kind"], int(d["amount"]), int(d["balance"]),
+                             int(d["held"]), d.get("ref", "")))
+        return out
+
+    async def holds(self, account: str) -> dict[str, int]:
+        raw = await self._call(self.redis.hgetall(self.keys(account)[1]))
+        return {k.decode(): int(v) for k, v in raw.items()}
+
+    # -- money -------------------------------------------------------------
+    async def _apply(self, op: str, account: str, amount: int, *, key: str, ref: str = "",
+                     hold: str = "", flags: str = "") -> Change:
+        check_account_id(account)
+        if not key:
+            raise ValueError("every ledger change needs an idempotency key")
+        reply = await self._call(self._ledger(
+            keys=self.keys(account), args=[op, key, str(amount), ref, hold, flags]))
+        status = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
+        if status == "NO_ACCOUNT":
+            raise UnknownAccount(account)
+        if status not in ("OK", "DUP"):
+            raise LedgerError(status, _MESSAGES.get(status, status).format(
+                account=account, key=key, hold=hold))
+        entry = reply[3].decode() if isinstance(reply[3], bytes) else str(reply[3])
+        return Change(int(reply[1]), int(reply[2]), entry, bool(reply[4]), int(reply[5]),
+                      status == "DUP")
+
+    async def credit(self, account: str, amount: int, *, key: str, ref: str = "") -> Change:
+        return await self._apply("credit", account, amount, key=key, ref=ref)
+
+    async def debit(self, account: str, amount: int, *, key: str, ref: str = "",
+                    force: bool = False) -> Change:
+        """Take ``amount`` from the available credit; ``force`` lets it go below zero."""
+        return await self._apply("debit", account, amount, key=key, ref=ref,
+                                 flags="force" if force else "")
+
+    async def reserve(self, account: str, hold: str, amount: int, *, key: str,
+                      ref: str = "") -> Change:
+        return await self._apply("reserve", account, amount, key=key, ref=ref, hold=hold)
+
+    async def settle(self, account: str, hold: str, amount: int, *, key: str, ref: str = "",
+                     force: bool = False) -> Change:
+        """Drop the hold and debit ``amount`` in one step."""
+        return await self._apply("settle", account, amount, key=key, ref=ref, hold=hold,
+                                 flags="force" if force else "")
+
+    async def release(self, account: str, hold: str, *, key: str, ref: str = "") -> Change:
+        return await self._apply("release", account, 0, key=key, ref=ref, hold=hold)
+
+
+_MESSAGES = {
+    "NO_CREDIT": "account {account!r} has too little available credit",
+    "SUSPENDED": "account {account!r} is suspended",
+    "HOLD_EXISTS": "hold {hold!r} already exists on account {account!r}",
+    "NO_HOLD": "account {account!r} has no hold {hold!r}",
+    "IDEM_CONFLICT": "idempotency key {key!r} was already used for a different change",
+    "BAD_AMOUNT": "amount must be a positive number of micro-units",
+    "OVERFLOW": "balance of {account!r} would be too large",
+}
+
+
+def connect(url: str, timeout: float = 2.0) -> aioredis.Redis:
+    return aioredis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)

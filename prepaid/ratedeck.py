@@ -1,0 +1,150 @@
+"""Rate decks: parsing the admin's CSV, number normalisation and longest-prefix lookup."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from prepaid.errors import InputError, RateError
+from prepaid.money import parse_amount
+from prepaid.rating import Rate
+
+REQUIRED_COLUMNS = ("prefix", "name", "price_per_minute", "connect_fee",
+                    "initial_increment", "increment")
+OPTIONAL_COLUMNS = ("minimum_duration",)
+_PREFIX_RE = re.compile(r"^[0-9]{1,20}$")
+_NUMBER_RE = re.compile(r"^[0-9]{1,32}$")
+_SEPARATORS = re.compile(r"[\s().-]")
+MAX_INCREMENT = 3600
+
+
+@dataclass(frozen=True, slots=True)
+class Normalisation:
+    """How dialed numbers are turned into international digits before lookup."""
+
+    international_prefixes: tuple[str, ...] = ("+", "00")
+    national_prefix: str = ""  # e.g. "0": a trunk prefix replaced by country_code
+    country_code: str = ""  # e.g. "353"
+
+    def normalise(self, number: str) -> str:
+        digits = _SEPARATORS.sub("", number)
+        for prefix in self.international_prefixes:
+            if prefix and digits.startswith(prefix):
+                digits = digits[len(prefix):]
+                break
+        else:
+            if self.national_prefix and self.country_code and digits.startswith(
+                    self.national_prefix):
+                digits = self.country_code + digits[len(self.national_prefix):]
+        if not _NUMBER_RE.match(digits):
+            raise RateError(f"number {number!r} is not a dialable number (digits, optional +)")
+        return digits
+
+
+class RateDeck:
+    """An immutable set of rates, looked up by longest matching prefix."""
+
+    def __init__(self, rates: Iterable[Rate]) -> None:
+        self._rates: dict[str, Rate] = {r.prefix: r for r in rates}
+        self._lengths = sorted({len(p) for p in self._rates}, reverse=True)
+
+    def __len__(self) -> int:
+        return len(self._rates)
+
+    def __iter__(self) -> Iterator[Rate]:
+        return iter(sorted(self._rates.values(), key=lambda r: r.prefix))
+
+    def match(self, digits: str) -> Rate | None:
+        for length in self._lengths:
+            rate = self._rates.get(digits[:length])
+            if rate is not None and length <= len(digits):
+                return rate
+        return None
+
+    def lookup(self, number: str, normalisation: Normalisation) -> Rate:
+        digits = normalisation.normalise(number)
+        rate = self.match(digits)
+        if rate is None:
+            raise RateError(f"no rate for {number!r} (normalised {digits}); "
+                            "calls there are refused")
+        return rate
+
+    def to_mapping(self) -> dict[str, str]:
+        return {r.prefix: json.dumps(asdict(r), separators=(",", ":"))
+                for r in self._rates.values()}
+
+    @classmethod
+    def from_mapping(cls, mapping: Mapping[str, str]) -> RateDeck:
+        return cls(Rate(**json.loads(raw)) for raw in mapping.values())
+
+
+def _seconds(value: str, column: str, where: str, *, minimum: int) -> int:
+    text = value.strip()
+    if not text.isdigit() or not (minimum <= int(text) <= MAX_INCREMENT):
+        raise RateError(f"{where}: {column} {value!r} must be a whole number of seconds "
+                        f"from {minimum} to {MAX_INCREMENT}")
+    return int(text)
+
+
+def _money(value: str, column: str, where: str) -> int:
+    try:
+        return parse_amount(value, what=column, allow_zero=True)
+    except InputError as exc:
+        raise RateError(f"{where}: {exc}") from None
+
+
+def parse_csv(text: str, source: str = "<csv>") -> RateDeck:
+    """Parse a whole deck; the first bad row raises, naming ``source:line``."""
+    reader = csv.DictReader(io.StringIO(text))
+    header = [h.strip() for h in (reader.fieldnames or [])]
+    missing = [c for c in REQUIRED_COLUMNS if c not in header]
+    if missing:
+        raise RateError(f"{source}:1: missing column(s) {', '.join(missing)}; "
+                        f"expected {','.join(REQUIRED_COLUMNS)}[,minimum_duration]")
+    unknown = [c for c in header if c not in REQUIRED_COLUMNS + OPTIONAL_COLUMNS]
+    if unknown:
+        raise RateError(f"{source}:1: unknown column(s) {', '.join(unknown)}")
+    reader.fieldnames = header
+    rates: dict[str, Rate] = {}
+    for row in reader:
+        where = f"{source}:{reader.line_num}"
+        if None in row or any(v is None for v in row.values()):
+            raise RateError(f"{where}: expected {len(header)} fields")
+        if not any((v or "").strip() for v in row.values()):
+            continue
+        prefix = row["prefix"].strip().lstrip("+")
+        if not _PREFIX_RE.match(prefix):
+            raise RateError(f"{where}: prefix {row['prefix']!r} must be 1-20 digits")
+        if prefix in rates:
+            raise RateError(f"{where}: prefix {prefix} appears twice")
+        name = row["name"].strip()
+        if not name:
+            raise RateError(f"{where}: name is empty")
+        minimum = (row.get("minimum_duration") or "").strip()
+        rates[prefix] = Rate(
+            prefix=prefix,
+            name=name,
+            per_minute=_money(row["price_per_minute"], "price_per_minute", where),
+            connect_fee=_money(row["connect_fee"], "connect_fee", where),
+            initial=_seconds(row["initial_increment"], "initial_increment", where, minimum=1),
+            increment=_seconds(row["increment"], "increment", where, minimum=1),
+            minimum=_seconds(minimum, "minimum_duration", where, minimum=0) if minimum else 0,
+        )
+    if not rates:
+        raise RateError(f"{source}: no rates in the file")
+    return RateDeck(rates.values())
+
+
+def load_csv(path: Path) -> RateDeck:
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except OSError as exc:
+        raise RateError(f"{path}: cannot read rate deck: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise RateError(f"{path}: rate deck is not UTF-8 text") from None
+    return parse_csv(text, str(path))

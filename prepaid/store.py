@@ -1,0 +1,41 @@
+"""Opening the shared Redis once, for a command or a service, from the settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from prepaid.config import Settings
+from prepaid.errors import StoreUnavailable
+from prepaid.ledger import Ledger, connect
+from prepaid.ratestore import RateStore
+
+
+@dataclass(frozen=True)
+class Store:
+    """The Redis client with the ledger and rate store on it."""
+
+    settings: Settings
+    redis: aioredis.Redis
+    ledger: Ledger
+    rates: RateStore
+
+    async def close(self) -> None:
+        await self.redis.aclose()
+
+
+async def open_store(settings: Settings, *, check: bool = True) -> Store:
+    """Connect; with ``check`` a PING proves Redis answers, naming the URL if it doesn't."""
+    client = connect(settings.redis.url, settings.redis.timeout)
+    if check:
+        try:
+            await client.ping()
+        except (RedisError, OSError) as exc:
+            await client.aclose()
+            raise StoreUnavailable(
+                f"cannot reach Redis at {settings.redis.safe_url}: {exc}") from None
+    prefix = settings.redis.key_prefix
+    return Store(settings, client, Ledger(client, prefix, settings.redis.safe_url),
+                 RateStore(client, prefix))
