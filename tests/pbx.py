@@ -412,15 +412,10 @@ class Pbx:
         self.sipp_port = free_port(socket.SOCK_DGRAM)
         self.write_config()
         self.install_sounds()
-        script = (
-            'mount --bind /dev "$1/dev" && mount -t proc proc "$1/proc" && '
-            'exec chroot "$1" "$2" -f -n -C "$3"'
-        )
         out = (self.run_dir / "log" / "stdout").open("wb")
         started = time.monotonic()
         self.proc = subprocess.Popen(
-            ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", script,
-             "sh", str(self.root), ASTERISK_BIN, self.conf_inner],
+            self.chroot_command([ASTERISK_BIN, "-f", "-n", "-C", self.conf_inner]),
             stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
             start_new_session=True, env=self._env(),
         )
@@ -433,6 +428,23 @@ class Pbx:
             raise
         self.boot_seconds = time.monotonic() - started
         return self
+
+    def chroot_command(self, argv: list[str]) -> list[str]:
+        """`argv` run chrooted into the root, in a private mount namespace with /dev and
+        /proc mounted (the mounts vanish with the namespace's last process)."""
+        script = ('mount --bind /dev "$0/dev" && mount -t proc proc "$0/proc" && '
+                  'exec chroot "$0" "$@"')
+        return ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", script,
+                str(self.root), *argv]
+
+    def sipp(self, args: list[str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        """Run SIPp (from the root) with `args`; pass the target as f"127.0.0.1:{sip_port}".
+        Calls from 127.0.0.1 are the `sipp` PJSIP endpoint; they enter `sip_context`."""
+        return subprocess.run(
+            self.chroot_command(["/usr/bin/sipp", *args]), capture_output=True, text=True,
+            timeout=timeout, env=self._env(), stdin=subprocess.DEVNULL,
+            cwd=self.run_dir,
+        )
 
     def _env(self) -> dict[str, str]:
         return {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8", "HOME": "/root"}
@@ -634,7 +646,8 @@ class Pbx:
             ["; from asterisk-conf/manager.conf [general]:", *general] if general else [])}
         text = _render("manager.conf", values)
         if users:
-            text += "\n; ---- users from asterisk-conf/manager.conf ----\n" + "\n".join(users) + "\n"
+            text += "\n; ---- users from asterisk-conf/manager.conf ----\n"
+            text += "\n".join(users) + "\n"
         return text
 
     def _extensions_conf(self, project: str | None, values: dict[str, str]) -> str:

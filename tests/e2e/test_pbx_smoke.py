@@ -1,0 +1,219 @@
+"""Proves the Asterisk test bed: boots on free ports, AMI works, calls produce events and CDRs,
+project prompts play, the fake trunk's variants behave, SIPp can call in."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import wave
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+
+from tests.pbx import PROJECT_SOUNDS, Pbx
+
+pytestmark = pytest.mark.pbx
+
+Message = dict[str, str]
+
+
+class Ami:
+    """A tiny asyncio AMI client: banner, Login, then `\\r\\n`-separated messages."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.banner = ""
+        self.events: asyncio.Queue[Message] = asyncio.Queue()
+        self.responses: dict[str, asyncio.Future[Message]] = {}
+        self.seen: list[Message] = []
+        self._task: asyncio.Task[None] | None = None
+        self._next_id = 0
+
+    @classmethod
+    async def connect(cls, port: int, username: str, secret: str) -> Ami:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 5)
+        ami = cls(reader, writer)
+        ami.banner = (await asyncio.wait_for(reader.readline(), 5)).decode().strip()
+        ami._task = asyncio.create_task(ami._read_loop())
+        resp = await ami.action("Login", Username=username, Secret=secret, Events="on")
+        if resp.get("Response") != "Success":
+            raise AssertionError(f"AMI login failed: {resp}")
+        return ami
+
+    async def _read_loop(self) -> None:
+        while True:
+            raw = await self.reader.readuntil(b"\r\n\r\n")
+            msg: Message = {}
+            for line in raw.decode(errors="replace").split("\r\n"):
+                key, sep, value = line.partition(":")
+                if sep:
+                    msg.setdefault(key.strip(), value.strip())
+            action_id = msg.get("ActionID", "")
+            if "Response" in msg and action_id in self.responses:
+                self.responses.pop(action_id).set_result(msg)
+            elif "Event" in msg:
+                self.seen.append(msg)
+                self.events.put_nowait(msg)
+
+    async def action(self, name: str, within: float = 10, **fields: str) -> Message:
+        self._next_id += 1
+        action_id = f"t-{self._next_id}"
+        fut: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
+        self.responses[action_id] = fut
+        lines = [f"Action: {name}", f"ActionID: {action_id}"]
+        lines += [f"{k}: {v}" for k, v in fields.items()]
+        self.writer.write(("\r\n".join(lines) + "\r\n\r\n").encode())
+        await self.writer.drain()
+        return await asyncio.wait_for(fut, within)
+
+    async def wait_event(
+        self, match: Callable[[Message], bool], within: float = 10
+    ) -> Message:
+        """The first event (already seen or coming) for which `match` is true."""
+        for msg in self.seen:
+            if match(msg):
+                return msg
+
+        async def until() -> Message:
+            while True:
+                msg = await self.events.get()
+                if match(msg):
+                    return msg
+
+        return await asyncio.wait_for(until(), within)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        self.writer.close()
+        try:
+            await self.writer.wait_closed()
+        except (ConnectionError, OSError):
+            pass
+
+
+def event(name: str, **fields: str) -> Callable[[Message], bool]:
+    def match(msg: Message) -> bool:
+        return msg.get("Event") == name and all(
+            re.search(v, msg.get(k, "")) for k, v in fields.items()
+        )
+
+    return match
+
+
+@pytest.fixture
+async def ami(pbx: Pbx) -> AsyncIterator[Ami]:
+    client = await Ami.connect(pbx.ami_port, pbx.ami_username, pbx.ami_secret)
+    yield client
+    await client.close()
+
+
+def _write_tone(path: Path, seconds: float = 0.3) -> None:
+    """A short 8 kHz mono 16-bit WAV, the format Asterisk's format_wav plays."""
+    import math
+
+    frames = bytearray()
+    for i in range(int(8000 * seconds)):
+        sample = int(8000 * math.sin(2 * math.pi * 440 * i / 8000))
+        frames += sample.to_bytes(2, "little", signed=True)
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(8000)
+        w.writeframes(bytes(frames))
+
+
+def test_boots_on_free_ports(pbx: Pbx) -> None:
+    assert pbx.ami_port not in (0, 5038)
+    assert pbx.sip_port not in (0, 5060)
+    assert "Asterisk 22" in pbx.cli("core show version")
+    assert f"127.0.0.1:{pbx.sip_port}" in pbx.cli("pjsip show transports")
+    modules = pbx.cli("module show")
+    for absent in ("chan_iax2", "res_http", "pbx_dundi", "res_ari"):
+        assert absent not in modules
+    for present in ("cdr_manager", "res_agi", "chan_pjsip", "pbx_config"):
+        assert present in modules
+    assert pbx.boot_seconds is not None and pbx.boot_seconds < 30
+
+
+async def test_ami_originate_events_cdr_and_playback(
+    make_pbx: Callable[..., Pbx], tmp_path: Path
+) -> None:
+    # A project prompt if there is one; else one made here (same install path).
+    prompts = sorted(p for p in PROJECT_SOUNDS.glob("*.wav")) if PROJECT_SOUNDS.is_dir() else []
+    if prompts:
+        names = [p.stem for p in prompts]
+        stem = "balance-too-low" if "balance-too-low" in names else names[0]
+        pbx = make_pbx()
+    else:
+        _write_tone(tmp_path / "testbed-tone.wav")
+        stem = "testbed-tone"
+        pbx = make_pbx(project_sounds=tmp_path)
+    assert f"prepaid/{stem}" in pbx.prompts()
+
+    ami = await Ami.connect(pbx.ami_port, pbx.ami_username, pbx.ami_secret)
+    try:
+        assert ami.banner.startswith("Asterisk Call Manager/")
+        resp = await ami.action(
+            "Originate", Channel="Local/100@testbed-trunk", Application="Playback",
+            Data=f"prepaid/{stem}", CallerID="Alice <1001>", Async="true",
+        )
+        assert resp["Response"] == "Success"
+        new = await ami.wait_event(event("Newchannel", Channel=r"^Local/100@testbed-trunk"))
+        assert "Timestamp" in new  # timestampevents=yes
+        await ami.wait_event(event("Hangup", Channel=re.escape(new["Channel"])), within=15)
+        cdr = await ami.wait_event(event("Cdr"), within=10)
+        assert cdr["Disposition"] == "ANSWERED"
+        assert cdr["LastApplication"] == "Playback"
+    finally:
+        await ami.close()
+    pbx.wait_for_log(rf"Playing '{re.escape(f'prepaid/{stem}')}\.", timeout=5)
+
+
+@pytest.mark.parametrize(
+    ("number", "dialstatus"),
+    [("0033140000000", "BUSY"), ("0034140000000", "CONGESTION"), ("00390612345678", "ANSWER")],
+)
+async def test_trunk_variants_via_prepaid_trunk(
+    pbx: Pbx, ami: Ami, number: str, dialstatus: str
+) -> None:
+    """Dial(${PREPAID_TRUNK}/<number>) as the project dialplan does reaches the fake trunk."""
+    resp = await ami.action(
+        "Originate", Channel=f"Local/{number}@testbed-dial", Application="Wait",
+        Data="2", Async="true",
+    )
+    assert resp["Response"] == "Success"
+    end = await ami.wait_event(event("DialEnd", DestExten=f"^{number}$"), within=10)
+    assert end["DialStatus"] == dialstatus
+
+
+async def test_trunk_callee_hangs_up_after_n_seconds(
+    make_pbx: Callable[..., Pbx]
+) -> None:
+    pbx = make_pbx(hangup_after=1)
+    ami = await Ami.connect(pbx.ami_port, pbx.ami_username, pbx.ami_secret)
+    try:
+        await ami.action(
+            "Originate", Channel="Local/00442071234567@testbed-trunk", Application="Wait",
+            Data="10", Async="true",
+        )
+        up = await ami.wait_event(event("Newstate", ChannelStateDesc="^Up$"))
+        hangup = await ami.wait_event(event("Hangup", Channel=r";2$"), within=6)
+        elapsed = float(hangup["Timestamp"]) - float(up["Timestamp"])
+        assert 0.5 < elapsed < 3
+    finally:
+        await ami.close()
+
+
+def test_sipp_call_enters_the_sip_context(make_pbx: Callable[..., Pbx]) -> None:
+    pbx = make_pbx(sip_context="testbed-trunk")
+    res = pbx.sipp(
+        ["-sn", "uac", "-s", "00390612345678", "-m", "1", "-d", "200",
+         "-i", "127.0.0.1", "-p", str(pbx.sipp_port), "-timeout", "15s", "-timeout_error",
+         f"127.0.0.1:{pbx.sip_port}"],
+        timeout=30,
+    )
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    pbx.wait_for_log(r"Executing \[00390612345678@testbed-trunk:\d+\] Answer\(\"PJSIP/sipp-")
