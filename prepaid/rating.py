@@ -83,7 +83,7 @@ def blocks_for(rate: Rate, duration: int) -> int:
 
 def affordable_blocks(rate: Rate, available: int, max_seconds: int) -> int:
     """Most blocks whose total cost fits in ``available``, not going past ``max_seconds``."""
-    if available <= 0 or max_seconds <= 0:
+    if available < 0 or max_seconds <= 0:
         return 0
     hi = blocks_for(rate, max_seconds)
     if cost_of_billed(rate, covered_seconds(rate, hi)) <= available:

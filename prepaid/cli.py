@@ -1,0 +1,375 @@
+"""The ``prepaid`` command: accounts, top-ups, balances, history, rate decks and ``serve``."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import uuid
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from prepaid import config as config_mod
+from prepaid.config import Settings
+from prepaid.errors import PrepaidError
+from prepaid.ledger import Account, Change, Entry, check_account_id
+from prepaid.money import format_amount, parse_amount
+from prepaid.ratedeck import RateDeck, load_csv
+from prepaid.rating import Rate, billed_seconds, cost
+from prepaid.store import Store, open_store
+
+T = TypeVar("T")
+LOOKUP_DURATIONS = (1, 30, 60, 61, 3600)
+console = Console(highlight=False)
+
+
+class Context:
+    def __init__(self, config_path: Path | None) -> None:
+        self.config_path = config_path
+        self._settings: Settings | None = None
+
+    @property
+    def settings(self) -> Settings:
+        if self._settings is None:
+            self._settings = config_mod.load(self.config_path)
+        return self._settings
+
+    def run(self, body: Callable[[Store], Awaitable[T]]) -> T:
+        async def go() -> T:
+            store = await open_store(self.settings)
+            try:
+                return await body(store)
+            finally:
+                await store.close()
+        return asyncio.run(go())
+
+
+pass_ctx = click.make_pass_decorator(Context)
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+
+
+def _fail(message: str) -> None:
+    click.echo(f"prepaid: error: {message}", err=True)
+    sys.exit(1)
+
+
+class Group(click.Group):
+    """Turns every project error into one clear line and exit status 1."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except PrepaidError as exc:
+            _fail(str(exc))
+        except KeyboardInterrupt:
+            sys.exit(130)
+
+
+def _when(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).astimezone().strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _emit(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=True))
+
+
+def account_json(a: Account) -> dict[str, Any]:
+    return {
+        "id": a.id, "currency": a.currency, "email": a.email, "status": a.status,
+        "balance": format_amount(a.balance), "held": format_amount(a.held),
+        "available": format_amount(a.available), "balance_micros": a.balance,
+        "created": a.created,
+        "policy": {"enabled": a.policy_enabled, "action": a.action,
+                   "threshold": format_amount(a.threshold),
+                   "topup_amount": format_amount(a.topup_amount)},
+        "card": ({"brand": a.card_brand, "last4": a.card_last4, "exp": a.card_exp}
+                 if a.has_card else None),
+    }
+
+
+def _amount(settings: Settings, text: str, what: str = "amount") -> int:
+    return parse_amount(text, decimals=settings.billing.decimals, what=what)
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
+              envvar=config_mod.ENV_CONFIG, help="TOML config file (default $PREPAID_CONFIG).")
+@click.version_option(package_name="asterisk-prepaid")
+@click.pass_context
+def main(ctx: click.Context, config_path: Path | None) -> None:
+    """Prepaid call credit for Asterisk."""
+    ctx.obj = Context(config_path)
+
+
+# -- accounts ---------------------------------------------------------------
+@main.group()
+def account() -> None:
+    """Create, show, list, suspend and resume accounts."""
+
+
+@account.command("create")
+@click.argument("account_id")
+@click.option("--email", default="", help="Where receipts and warnings go.")
+@click.option("--currency", default=None, help="ISO 4217 code (default from the config).")
+@json_option
+@pass_ctx
+def account_create(obj: Context, account_id: str, email: str, currency: str | None,
+                   as_json: bool) -> None:
+    """Create ACCOUNT_ID (the caller's accountcode or extension) with a zero balance."""
+    check_account_id(account_id)
+    s = obj.settings
+    cur = (currency or s.billing.currency).upper()
+    if email and "@" not in email:
+        raise click.BadParameter(f"{email!r} is not an e-mail address", param_hint="--email")
+    acct = obj.run(lambda st: st.ledger.create_account(
+        account_id, currency=cur, email=email, threshold=s.policy.threshold,
+        action=s.policy.action, topup_amount=s.policy.topup_amount))
+    if as_json:
+        _emit(account_json(acct))
+    else:
+        click.echo(f"created account {acct.id} ({acct.currency}), balance "
+                   f"{format_amount(acct.balance, acct.currency)}")
+
+
+def _show(acct: Account) -> None:
+    table = Table(show_header=False, box=None)
+    cur = acct.currency
+    rows = [("account", acct.id), ("status", acct.status), ("currency", cur),
+            ("e-mail", acct.email or "-"), ("balance", format_amount(acct.balance, cur)),
+            ("held for live calls", format_amount(acct.held, cur)),
+            ("available", format_amount(acct.available, cur)), ("created", _when(acct.created)),
+            ("low-balance action", acct.action if acct.policy_enabled else f"{acct.action} (off)"),
+            ("threshold", format_amount(acct.threshold, cur))]
+    if acct.action == "topup":
+        rows.append(("top-up amount", format_amount(acct.topup_amount, cur)))
+    rows.append(("card", f"{acct.card_brand} ****{acct.card_last4} exp {acct.card_exp}"
+                 if acct.has_card else "none"))
+    for k, v in rows:
+        table.add_row(k, v)
+    console.print(table)
+
+
+@account.command("show")
+@click.argument("account_id")
+@json_option
+@pass_ctx
+def account_show(obj: Context, account_id: str, as_json: bool) -> None:
+    """Show an account: balance, holds, status, policy and card."""
+    acct = obj.run(lambda st: st.ledger.get(account_id))
+    _emit(account_json(acct)) if as_json else _show(acct)
+
+
+@account.command("list")
+@json_option
+@pass_ctx
+def account_list(obj: Context, as_json: bool) -> None:
+    """List all accounts with their balances."""
+    async def body(st: Store) -> list[Account]:
+        return [await st.ledger.get(i) for i in await st.ledger.list_ids()]
+    accounts = obj.run(body)
+    if as_json:
+        _emit([account_json(a) for a in accounts])
+        return
+    table = Table("account", "status", "balance", "available", "e-mail")
+    for a in accounts:
+        table.add_row(a.id, a.status, format_amount(a.balance, a.currency),
+                      format_amount(a.available, a.currency), a.email or "-")
+    console.print(table)
+
+
+def _set_status(obj: Context, account_id: str, status: str) -> None:
+    acct = obj.run(lambda st: st.ledger.update(account_id, status=status))
+    click.echo(f"account {acct.id} is {acct.status}")
+
+
+@account.command("suspend")
+@click.argument("account_id")
+@pass_ctx
+def account_suspend(obj: Context, account_id: str) -> None:
+    """Stop ACCOUNT_ID from placing calls (calls already up go on)."""
+    _set_status(obj, account_id, "suspended")
+
+
+@account.command("resume")
+@click.argument("account_id")
+@pass_ctx
+def account_resume(obj: Context, account_id: str) -> None:
+    """Let a suspended account call again."""
+    _set_status(obj, account_id, "active")
+
+
+# -- money ------------------------------------------------------------------
+@main.command(context_settings={"ignore_unknown_options": True})
+@click.argument("account_id")
+@click.argument("amount")
+@click.option("--reference", default=None,
+              help="Payment reference; the same reference never credits twice.")
+@click.option("--override", is_flag=True, help="Allow an amount above [policy] max_topup.")
+@json_option
+@pass_ctx
+def topup(obj: Context, account_id: str, amount: str, reference: str | None, override: bool,
+          as_json: bool) -> None:
+    """Add AMOUNT (in currency units, e.g. 10.00) to ACCOUNT_ID."""
+    check_account_id(account_id)
+    micros = _amount(obj.settings, amount)
+    ref = reference or f"manual-{uuid.uuid4().hex[:12]}"
+
+    async def body(st: Store) -> tuple[Account, Change]:
+        acct = await st.ledger.get(account_id)
+        change = await _manual_topup(st, account_id, micros, ref, override)
+        return acct, change
+
+    acct, change = obj.run(body)
+    if as_json:
+        _emit({"account": account_id, "amount": format_amount(micros), "reference": ref,
+               "balance": format_amount(change.balance), "duplicate": change.duplicate})
+    elif change.duplicate:
+        click.echo(f"reference {ref} was already credited; balance "
+                   f"{format_amount(change.balance, acct.currency)} (nothing changed)")
+    else:
+        click.echo(f"credited {format_amount(micros, acct.currency)} to {account_id} "
+                   f"(reference {ref}); balance {format_amount(change.balance, acct.currency)}")
+
+
+async def _manual_topup(st: Store, account_id: str, micros: int, ref: str,
+                        override: bool) -> Change:
+    try:
+        from policy.commands import manual_topup
+    except ImportError:  # policy engine not installed: a plain ledger credit
+        return await st.ledger.credit(account_id, micros, key=f"topup:{ref}", ref=ref)
+    change: Change = await manual_topup(st, account_id, micros, ref, override=override)
+    return change
+
+
+@main.command()
+@click.argument("account_id")
+@json_option
+@pass_ctx
+def balance(obj: Context, account_id: str, as_json: bool) -> None:
+    """Print the balance and the credit available for new calls."""
+    acct = obj.run(lambda st: st.ledger.get(account_id))
+    if as_json:
+        _emit({"account": acct.id, "currency": acct.currency,
+               "balance": format_amount(acct.balance), "held": format_amount(acct.held),
+               "available": format_amount(acct.available)})
+        return
+    line = f"{acct.id}: {format_amount(acct.balance, acct.currency)}"
+    if acct.held:
+        line += (f" ({format_amount(acct.held, acct.currency)} held for live calls, "
+                 f"{format_amount(acct.available, acct.currency)} available)")
+    click.echo(line)
+
+
+@main.command()
+@click.argument("account_id")
+@click.option("--limit", default=20, show_default=True, type=click.IntRange(1, 100_000))
+@json_option
+@pass_ctx
+def history(obj: Context, account_id: str, limit: int, as_json: bool) -> None:
+    """Every change of ACCOUNT_ID's balance, newest first."""
+    async def body(st: Store) -> tuple[Account, list[Entry]]:
+        return await st.ledger.get(account_id), await st.ledger.history(account_id, limit)
+    acct, entries = obj.run(body)
+    if as_json:
+        _emit([{"id": e.id, "time": e.time, "kind": e.kind, "amount": format_amount(e.amount),
+                "balance": format_amount(e.balance), "held": format_amount(e.held),
+                "reference": e.ref} for e in entries])
+        return
+    table = Table("time", "kind", "amount", "balance", "reference", title=f"account {acct.id}")
+    for e in entries:
+        amount = format_amount(e.amount, acct.currency) if e.amount else "-"
+        table.add_row(_when(e.time), e.kind, amount, format_amount(e.balance, acct.currency),
+                      e.ref)
+    console.print(table)
+
+
+# -- rates ------------------------------------------------------------------
+@main.group()
+def rates() -> None:
+    """Import and query the rate deck."""
+
+
+@rates.command("import")
+@click.argument("file", required=False, type=click.Path(dir_okay=False, path_type=Path))
+@pass_ctx
+def rates_import(obj: Context, file: Path | None) -> None:
+    """Replace the active rate deck with FILE (default: [billing] rates). All or nothing."""
+    path = file or obj.settings.billing.rates
+    if path is None:
+        raise click.UsageError("give FILE or set [billing] rates in the config")
+    deck = load_csv(path)
+    version = obj.run(lambda st: st.rates.replace(deck))
+    click.echo(f"imported {len(deck)} rates from {path} (deck version {version})")
+
+
+def _rate_json(rate: Rate) -> dict[str, Any]:
+    return {"prefix": rate.prefix, "name": rate.name,
+            "price_per_minute": format_amount(rate.per_minute),
+            "connect_fee": format_amount(rate.connect_fee),
+            "initial_increment": rate.initial, "increment": rate.increment,
+            "minimum_duration": rate.minimum}
+
+
+@rates.command("lookup")
+@click.argument("number")
+@click.option("--file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Look up in this CSV instead of the imported deck.")
+@json_option
+@pass_ctx
+def rates_lookup(obj: Context, number: str, file: Path | None, as_json: bool) -> None:
+    """Show the rate NUMBER matches and what calls to it cost."""
+    s = obj.settings
+    deck: RateDeck = load_csv(file) if file else obj.run(lambda st: st.rates.current())
+    rate = deck.lookup(number, s.billing.normalisation)
+    costs = [(d, billed_seconds(rate, d), cost(rate, d)) for d in LOOKUP_DURATIONS]
+    if as_json:
+        _emit({"number": number, "normalised": s.billing.normalisation.normalise(number),
+               "rate": _rate_json(rate),
+               "costs": [{"seconds": d, "billed_seconds": b, "cost": format_amount(c)}
+                         for d, b, c in costs]})
+        return
+    cur = s.billing.currency
+    click.echo(f"{number} -> prefix {rate.prefix} {rate.name}: "
+               f"{format_amount(rate.per_minute, cur)}/min, connect "
+               f"{format_amount(rate.connect_fee, cur)}, billing {rate.initial}/{rate.increment}"
+               + (f", minimum {rate.minimum}s" if rate.minimum else ""))
+    table = Table("call length", "billed", "cost")
+    for d, b, c in costs:
+        table.add_row(f"{d} s", f"{b} s", format_amount(c, cur))
+    console.print(table)
+
+
+# -- services ---------------------------------------------------------------
+@main.command()
+@click.option("--only", type=click.Choice(["agi", "ami", "policy"]), multiple=True,
+              help="Run only these services (default: all).")
+@click.option("--log-level", default="INFO", show_default=True,
+              type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
+@pass_ctx
+def serve(obj: Context, only: tuple[str, ...], log_level: str) -> None:
+    """Run the FastAGI server, the AMI listener and the policy worker."""
+    from prepaid.serve import serve_forever
+    serve_forever(obj.settings, only or ("agi", "ami", "policy"), log_level)
+
+
+def _add_optional_commands() -> None:
+    """Commands that live beside the services they belong to."""
+    extra = [("policy.commands", "policy_cmd"), ("policy.commands", "card_group"),
+             ("ami_listener.commands", "calls_cmd"), ("agi.commands", "sounds_group")]
+    for module, name in extra:
+        try:
+            mod = __import__(module, fromlist=[name])
+        except ImportError:
+            continue
+        cmd = getattr(mod, name, None)
+        if isinstance(cmd, click.Command):
+            main.add_command(cmd)
+
+
+_add_optional_commands()

@@ -1,0 +1,71 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from prepaid.config import load, parse
+from prepaid.errors import ConfigError
+
+SAMPLE = Path(__file__).parent.parent / "asterisk-conf" / "prepaid.toml"
+
+
+def test_sample_config_is_valid() -> None:
+    s = load(SAMPLE, env={})
+    assert s.billing.currency == "EUR"
+    assert s.agi.port == 4573
+    assert s.policy.presets == (5_000_000, 10_000_000, 20_000_000, 50_000_000)
+
+
+def test_defaults_without_a_file() -> None:
+    s = load(None, env={})
+    assert s.redis.url.startswith("redis://") and s.policy.action == "none"
+
+
+def test_unknown_key_names_key_and_file(tmp_path: Path) -> None:
+    f = tmp_path / "p.toml"
+    f.write_text("[redis]\nurl = 'redis://x'\nhostt = 'a'\n")
+    with pytest.raises(ConfigError, match=f"{f}: unknown key \\[redis\\] hostt"):
+        load(f, env={})
+
+
+@pytest.mark.parametrize(("data", "message"), [
+    ({"nope": {}}, "unknown section [nope]"),
+    ({"billing": {"currency": "euro"}}, "[billing] currency"),
+    ({"ami": {"port": "5038"}}, "[ami] port must be a whole number"),
+    ({"agi": {"fail_open": "yes"}}, "[agi] fail_open must be true or false"),
+    ({"agi": {"listen": "localhost"}}, "[agi] listen 'localhost' must be HOST:PORT"),
+    ({"policy": {"action": "sms"}}, "[policy] action 'sms'"),
+    ({"policy": {"threshold": "-1"}}, "[policy] threshold '-1' is negative"),
+    ({"payments": {"gateway": "paypal"}}, "[payments] gateway 'paypal'"),
+    ({"redis": {"url": "http://x"}}, "[redis] url"),
+])
+def test_bad_values_are_named(data: dict[str, dict[str, object]], message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse(data, "conf.toml", env={})
+    assert message in str(err.value) and str(err.value).startswith("conf.toml: ")
+
+
+def test_not_toml(tmp_path: Path) -> None:
+    f = tmp_path / "p.toml"
+    f.write_text("[redis\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load(f, env={})
+
+
+def test_secrets_from_the_environment_and_relative_paths(tmp_path: Path) -> None:
+    f = tmp_path / "p.toml"
+    f.write_text("[ami]\nsecret = 'in-file'\n[billing]\nrates = 'rates.csv'\n"
+                 "[smtp]\nfrom = 'billing@example.org'\n")
+    s = load(f, env={"PREPAID_AMI_SECRET": "from-env",
+                     "PREPAID_REDIS_URL": "redis://:pw@127.0.0.1:1/0"})
+    assert s.ami.secret == "from-env"
+    assert s.billing.rates == tmp_path / "rates.csv"
+    assert s.smtp.sender == "billing@example.org"
+    assert s.redis.safe_url == "redis://:***@127.0.0.1:1/0"
+
+
+def test_config_from_env_variable(tmp_path: Path) -> None:
+    f = tmp_path / "p.toml"
+    f.write_text("[billing]\ncurrency = 'USD'\n")
+    assert load(None, env={"PREPAID_CONFIG": str(f)}).billing.currency == "USD"
