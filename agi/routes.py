@@ -1,0 +1,234 @@
+"""The AGI routes, shared by FastAGI and process AGI: ``authorize`` and ``balance``.
+
+A route talks to the channel through an :class:`AgiSession` and to Redis through the
+:class:`Store`; every Redis step is bounded by ``[agi] timeout`` and failures there are
+reported through one shared :class:`OutageLog`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from agi import callrecord
+from agi.decision import (
+    PROMPT_REFUSED,
+    WARNING_FILE,
+    Decision,
+    Policy,
+    Reason,
+    decide,
+    deny,
+    dialed_number,
+    on_failure,
+    pick_account,
+)
+from agi.outage import OutageLog
+from agi.protocol import AgiError, AgiHangup, AgiSession
+from agi.speech import balance_speech
+from prepaid.config import Settings
+from prepaid.errors import InputError, LedgerError, RateError, StoreUnavailable, UnknownAccount
+from prepaid.ledger import check_account_id
+from prepaid.store import Store
+
+log = logging.getLogger(__name__)
+
+
+def policy_of(settings: Settings) -> Policy:
+    return Policy(max_call_seconds=settings.billing.max_call_seconds,
+                  warning_ms=settings.agi.warning_ms,
+                  hangup_on_deny=settings.agi.hangup_on_deny, fail_open=settings.agi.fail_open)
+
+
+def new_outage_log() -> OutageLog:
+    return OutageLog(log, "Redis / rate deck")
+
+
+@dataclass
+class _Progress:
+    """How far the store phase got, so a timeout or hangup can undo a reservation."""
+
+    account: str = ""
+    reserving: bool = False
+    reserved: bool = False
+    record: callrecord.CallRecord | None = None
+
+
+async def _account_id(session: AgiSession, settings: Settings) -> str:
+    sources = settings.agi.account_sources
+    variable = await session.get_variable("PREPAID_ACCOUNT") if "variable" in sources else None
+    return pick_account(sources, session.env, variable)
+
+
+async def _store_phase(store: Store, account_id: str, number: str, ref: str, policy: Policy,
+                       progress: _Progress) -> Decision:
+    """Look up account and rate, decide, and reserve the first block. Raises StoreUnavailable
+    or RateError (no deck) for the fail-safe path."""
+    try:
+        check_account_id(account_id)
+        account = await store.ledger.get(account_id)
+    except (InputError, UnknownAccount):
+        return deny(Reason.UNKNOWN_ACCOUNT, policy)
+    deck = await store.rates.current()
+    norm = store.settings.billing.normalisation
+    try:
+        rate = deck.lookup(number, norm)
+        digits = norm.normalise(number)
+    except RateError as exc:
+        log.info("call %s from %s: %s", ref, account_id, exc)
+        return deny(Reason.NO_RATE, policy)
+    first = decide(status=account.status, balance=account.balance, threshold=account.threshold,
+                   rate=rate, available=account.available, policy=policy)
+    if not first.allowed:
+        return first
+    progress.account, progress.reserving = account_id, True
+    try:
+        change = await store.ledger.reserve(account_id, callrecord.hold_id(ref), first.hold,
+                                             key=f"auth:{ref}", ref=f"call to {number}")
+    except LedgerError as exc:
+        progress.reserving = False
+        if exc.code in ("NO_CREDIT", "SUSPENDED"):
+            return deny(Reason(exc.code), policy)
+        log.warning("call %s from %s: reservation refused: %s", ref, account_id, exc)
+        return deny(Reason.INTERNAL, policy)
+    progress.reserved = True
+    # The credit this call may use: what is not held by the account's other live calls.
+    decision = decide(status=account.status, balance=account.balance,
+                      threshold=account.threshold, rate=rate,
+                      available=change.available + change.hold_amount, policy=policy)
+    progress.record = callrecord.CallRecord(
+        account=account_id, number=number, digits=digits, rate=rate, hold=change.hold_amount,
+        max_seconds=decision.max_seconds, channel="", uniqueid=ref)
+    return decision
+
+
+async def _release(store: Store, progress: _Progress, ref: str, why: str) -> None:
+    """Give back the reservation of a call that will not go ahead (best effort, bounded)."""
+    try:
+        async with asyncio.timeout(store.settings.agi.timeout):
+            try:
+                await store.ledger.release(progress.account, callrecord.hold_id(ref),
+                                           key=f"rel:{ref}", ref=why)
+            except LedgerError as exc:
+                if exc.code != "NO_HOLD":
+                    raise
+            if progress.record is not None:
+                await callrecord.set_state(store.redis, store.settings.redis.key_prefix, ref,
+                                           "released")
+        log.info("call %s from %s: hold released (%s)", ref, progress.account, why)
+    except (TimeoutError, StoreUnavailable, LedgerError) as exc:
+        log.error("call %s from %s: could not release hold %s: %s", ref, progress.account,
+                  callrecord.hold_id(ref), exc)
+
+
+async def _set_variables(session: AgiSession, decision: Decision, account: str,
+                         ref: str) -> None:
+    await session.set_variable("PREPAID_STATUS", decision.status.value)
+    await session.set_variable("PREPAID_REASON", decision.reason.value)
+    await session.set_variable("PREPAID_ACCOUNT", account)
+    await session.set_variable("PREPAID_CALLREF", ref)
+    await session.set_variable("PREPAID_MAX_SECONDS", str(decision.max_seconds))
+    await session.set_variable("PREPAID_DIAL_LIMIT", decision.dial_limit)
+    if decision.allowed:
+        await session.set_variable("LIMIT_WARNING_FILE", WARNING_FILE)
+        await session.set_variable("PREPAID_LOW_BALANCE", "1" if decision.low_balance else "0")
+
+
+async def authorize(session: AgiSession, store: Store, outage: OutageLog) -> Decision:
+    """Decide whether the caller may dial, reserve the first block, tell the dialplan."""
+    settings = store.settings
+    policy = policy_of(settings)
+    ref = session.env.get("agi_uniqueid", "").strip()
+    number = dialed_number(session.args, session.env)
+    progress = _Progress()
+    account_id = await _account_id(session, settings)
+    started = time.monotonic()
+    if not ref:
+        log.warning("AGI authorize without agi_uniqueid from channel %r; refused",
+                    session.env.get("agi_channel", ""))
+        decision = deny(Reason.INTERNAL, policy)
+    else:
+        try:
+            async with asyncio.timeout(settings.agi.timeout):
+                decision = await _store_phase(store, account_id, number, ref, policy, progress)
+                if decision.allowed and progress.record is not None:
+                    linkedid = await session.get_variable("CHANNEL(linkedid)") or ""
+                    progress.record = record = dataclasses.replace(
+                        progress.record, linkedid=linkedid, authorized=time.time(),
+                        channel=session.env.get("agi_channel", ""))
+                    await callrecord.write(store.redis, settings.redis.key_prefix, record)
+            outage.success()
+        except AgiError as exc:  # the channel went away or broke protocol mid-way
+            if progress.reserving or progress.reserved:
+                await _release(store, progress, ref, f"authorization ended: {exc}")
+            raise
+        except (StoreUnavailable, RateError, TimeoutError) as exc:
+            if isinstance(exc, TimeoutError):
+                exc = TimeoutError(f"no answer within {settings.agi.timeout:g} s")
+            outage.failure(exc)
+            if progress.reserving or progress.reserved:
+                await _release(store, progress, ref, "authorization failed")
+            decision = on_failure(policy)
+    log.info("call %s account %r to %r: %s %s max %ss (%.0f ms)", ref, account_id, number,
+             decision.status.value, decision.reason.value, decision.max_seconds,
+             (time.monotonic() - started) * 1000)
+    try:
+        await _set_variables(session, decision, account_id, ref)
+        if not decision.allowed and decision.hangup:
+            await session.answer()
+            await session.stream_file(decision.prompt)
+            await session.hangup()
+    except AgiError as exc:
+        if progress.reserved:
+            await _release(store, progress, ref, f"authorization ended: {exc}")
+        raise
+    return decision
+
+
+async def balance(session: AgiSession, store: Store, outage: OutageLog) -> None:
+    """IVR balance: 'your balance is 9 euros and 50 cents'."""
+    account_id = await _account_id(session, store.settings)
+    await session.answer()
+    try:
+        async with asyncio.timeout(store.settings.agi.timeout):
+            check_account_id(account_id)
+            account = await store.ledger.get(account_id)
+        outage.success()
+    except (InputError, UnknownAccount):
+        log.info("balance request for unknown account %r", account_id)
+        await session.stream_file("prepaid/account-unknown")
+        return
+    except (StoreUnavailable, TimeoutError) as exc:
+        outage.failure(exc)
+        await session.stream_file(PROMPT_REFUSED)
+        return
+    for kind, value in balance_speech(account.balance, account.currency):
+        if kind == "number":
+            await session.say_number(int(value))
+        else:
+            await session.stream_file(str(value))
+
+
+Route = Callable[[AgiSession, Store, OutageLog], Awaitable[object]]
+ROUTES: dict[str, Route] = {"authorize": authorize, "balance": balance}
+
+
+async def dispatch(session: AgiSession, store: Store, outage: OutageLog) -> None:
+    """Run the route the session asks for; a hangup or protocol error ends it quietly."""
+    route = ROUTES.get(session.script)
+    if route is None:
+        log.warning("AGI request for unknown route %r from channel %r (known: %s)",
+                    session.script, session.env.get("agi_channel", ""), ", ".join(ROUTES))
+        return
+    try:
+        await route(session, store, outage)
+    except AgiHangup as exc:
+        log.info("AGI %s on %s ended: %s", session.script, session.env.get("agi_channel", ""),
+                 exc)
+    except AgiError as exc:
+        log.warning("AGI %s on %s failed: %s", session.script,
+                    session.env.get("agi_channel", ""), exc)
