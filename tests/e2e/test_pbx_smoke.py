@@ -217,3 +217,22 @@ def test_sipp_call_enters_the_sip_context(make_pbx: Callable[..., Pbx]) -> None:
     )
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     pbx.wait_for_log(r"Executing \[00390612345678@testbed-trunk:\d+\] Answer\(\"PJSIP/sipp-")
+
+
+def test_record_ami_saves_raw_stream(pbx: Pbx, tmp_path: Path) -> None:
+    from tests.record_ami import record
+
+    out = tmp_path / "busy.ami"
+    n = record(
+        out, "127.0.0.1", pbx.ami_port, pbx.ami_username, pbx.ami_secret, timeout=15,
+        actions=["Action: Originate; ActionID: orig-1; Channel: Local/0033140000000@testbed-dial;"
+                 " Application: Wait; Data: 1; CallerID: Alice <1001>; Async: true"],
+        until_event="Cdr",
+    )
+    raw = out.read_bytes()
+    messages = raw.split(b"\r\n\r\n")
+    assert messages[-1] == b"" and len(messages) - 1 == n
+    assert b"\r\nActionID: orig-1\r\n" in raw
+    assert raw.count(b"Event: Cdr\r\n") == 1
+    assert b"Disposition: BUSY\r\n" in raw
+    assert b"\n" not in raw.replace(b"\r\n", b"")
