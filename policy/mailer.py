@@ -1,0 +1,265 @@
+"""Customer e-mail: templates, a durable mail queue in Redis, and the SMTP sender.
+
+A mail is rendered when it is queued and stored whole in the stream ``<prefix>:mail``;
+its record ``<prefix>:mail:<id>`` (state queued/sent/failed) makes queueing and sending
+idempotent: the same mail id is queued once, and once the SMTP server accepted it a
+retry does not send it again.  The mail worker reads the stream with a consumer group,
+acknowledges only after the server accepted (or refused for good), and retries with
+backoff while the server is down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import html
+import logging
+import re
+import socket
+import string
+import time
+from collections.abc import Mapping
+from email import message_from_bytes, policy
+from email.message import EmailMessage
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import aiosmtplib
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError, ResponseError
+
+from policy.decide import retry_delay
+from policy.outage import Outage
+from prepaid.config import SmtpSettings
+from prepaid.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+KINDS = ("low_balance", "topup_receipt", "topup_failed", "manual_receipt")
+GROUP = "mailers"
+RECORD_TTL = 30 * 86400
+
+_ENQUEUE_LUA = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], 'state', 'queued', 'to', ARGV[2], 'queued', ARGV[4])
+redis.call('EXPIRE', KEYS[1], ARGV[5])
+redis.call('XADD', KEYS[2], '*', 'id', ARGV[1], 'to', ARGV[2], 'message', ARGV[3])
+return 1
+"""
+
+
+class Templates:
+    """``string.Template`` files: ``<kind>.txt`` (first line ``Subject: ...``) and ``<kind>.html``.
+
+    A file in the admin's directory (``[smtp] templates``) overrides the built-in one.
+    """
+
+    def __init__(self, override_dir: Path | None = None) -> None:
+        self.override_dir = override_dir
+
+    def source(self, name: str) -> tuple[str, str]:
+        if self.override_dir is not None and (self.override_dir / name).is_file():
+            path = self.override_dir / name
+            return path.read_text(encoding="utf-8"), str(path)
+        return resources.files("policy").joinpath("templates", name).read_text("utf-8"), name
+
+    def _fill(self, name: str, values: Mapping[str, str]) -> str:
+        text, where = self.source(name)
+        try:
+            return string.Template(text).substitute(values)
+        except (KeyError, ValueError) as exc:
+            raise ConfigError(f"mail template {where}: unknown or bad placeholder {exc}") from None
+
+    def render(self, kind: str, context: Mapping[str, str]) -> tuple[str, str, str]:
+        """(subject, plain text, HTML); HTML values are escaped."""
+        if kind not in KINDS:
+            raise ValueError(f"unknown mail kind {kind!r}")
+        text = self._fill(f"{kind}.txt", context)
+        first, _, body = text.partition("\n")
+        if not first.startswith("Subject:"):
+            raise ConfigError(f"mail template {kind}.txt must start with a 'Subject: ' line")
+        subject = first.removeprefix("Subject:").strip()
+        page = self._fill(f"{kind}.html", {k: html.escape(v) for k, v in context.items()})
+        return subject, body.lstrip("\n"), page
+
+
+def compose(templates: Templates, sender: str, to: str, kind: str,
+            context: Mapping[str, str], mail_id: str) -> EmailMessage:
+    """Render ``kind``; if an admin's override is broken, log it and use the built-in one."""
+    try:
+        subject, text, page = templates.render(kind, context)
+    except ConfigError as exc:
+        log.error("%s; using the built-in template", exc)
+        subject, text, page = Templates().render(kind, context)
+    msg = EmailMessage()
+    msg["From"] = sender
+    msg["To"] = to
+    msg["Subject"] = subject
+    msg["Message-ID"] = f"<{re.sub(r'[^A-Za-z0-9.-]', '.', mail_id)}@{socket.getfqdn()}>"
+    msg["Date"] = time.strftime("%a, %d %b %Y %H:%M:%S +0000", time.gmtime())
+    msg.set_content(text)
+    msg.add_alternative(page, subtype="html")
+    return msg
+
+
+class MailQueue:
+    def __init__(self, client: aioredis.Redis, prefix: str = "prepaid") -> None:
+        self.redis = client
+        self.prefix = prefix
+        self._enqueue = client.register_script(_ENQUEUE_LUA)
+
+    @property
+    def stream_key(self) -> str:
+        return f"{self.prefix}:mail"
+
+    def record_key(self, mail_id: str) -> str:
+        return f"{self.prefix}:mail:{mail_id}"
+
+    async def enqueue(self, mail_id: str, msg: EmailMessage) -> bool:
+        """Queue ``msg`` once under ``mail_id``; False if that id was queued before."""
+        made = await self._enqueue(
+            keys=[self.record_key(mail_id), self.stream_key],
+            args=[mail_id, str(msg["To"]), msg.as_bytes(), f"{time.time():.3f}", RECORD_TTL])
+        return bool(made)
+
+    async def state(self, mail_id: str) -> str:
+        raw: Any = await self.redis.hget(self.record_key(mail_id), "state")
+        return raw.decode() if raw else ""
+
+
+class SmtpSender:
+    """Sends through the configured server; one connection per batch."""
+
+    def __init__(self, smtp: SmtpSettings) -> None:
+        self.smtp = smtp
+
+    def connection(self) -> aiosmtplib.SMTP:
+        s = self.smtp
+        return aiosmtplib.SMTP(hostname=s.host, port=s.port, timeout=s.timeout,
+                               start_tls=s.starttls, username=s.username or None,
+                               password=s.password or None)
+
+
+def _permanent(exc: Exception) -> bool:
+    """A 5xx answer about this message: retrying will not help."""
+    if isinstance(exc, aiosmtplib.SMTPRecipientsRefused):
+        return all(r.code >= 500 for r in exc.recipients)
+    if isinstance(exc, (aiosmtplib.SMTPDataError, aiosmtplib.SMTPSenderRefused,
+                        aiosmtplib.SMTPRecipientRefused)):
+        return exc.code >= 500
+    return False
+
+
+class MailWorker:
+    def __init__(self, client: aioredis.Redis, smtp: SmtpSettings, *, prefix: str = "prepaid",
+                 consumer: str | None = None, claim_idle_ms: int = 60_000,
+                 batch: int = 20) -> None:
+        self.redis = client
+        self.queue = MailQueue(client, prefix)
+        self.sender = SmtpSender(smtp)
+        self.consumer = consumer or f"{socket.gethostname()}-{id(self):x}"
+        self.claim_idle_ms = claim_idle_ms
+        self.batch = batch
+        self.smtp_outage = Outage(f"SMTP server {smtp.host}:{smtp.port}", log)
+        self.redis_outage = Outage("Redis (mail queue)", log)
+        self._group_ready = False
+        self._cursor = "0-0"
+
+    async def ensure_group(self) -> None:
+        if self._group_ready:
+            return
+        try:
+            await self.redis.xgroup_create(self.queue.stream_key, GROUP, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+        self._group_ready = True
+
+    async def _fetch(self, block_ms: int | None) -> list[tuple[str, dict[bytes, bytes]]]:
+        """Own pending first (earlier failures), then dead workers' entries, then new ones."""
+        key = self.queue.stream_key
+        rows: list[Any] = []
+        own: Any = await self.redis.xreadgroup(GROUP, self.consumer, {key: "0"},
+                                               count=self.batch)
+        rows = own[0][1] if own else []
+        if not rows:
+            claimed: Any = await self.redis.xautoclaim(
+                key, GROUP, self.consumer, self.claim_idle_ms, self._cursor, count=self.batch)
+            self._cursor = claimed[0].decode() if isinstance(claimed[0], bytes) else claimed[0]
+            rows = claimed[1]
+        if not rows:
+            new: Any = await self.redis.xreadgroup(GROUP, self.consumer, {key: ">"},
+                                                   count=self.batch, block=block_ms)
+            rows = new[0][1] if new else []
+        return [(i.decode() if isinstance(i, bytes) else i, f or {}) for i, f in rows]
+
+    async def process_batch(self, block_ms: int | None = None) -> int:
+        """Send what is waiting; return how many mails were sent or given up.
+
+        Raises nothing for outages: they are logged once and the mails stay queued.
+        """
+        try:
+            await self.ensure_group()
+            rows = await self._fetch(block_ms)
+        except (RedisError, OSError) as exc:
+            self.redis_outage.failed(exc)
+            return 0
+        self.redis_outage.ok()
+        if not rows:
+            return 0
+        done = 0
+        try:
+            async with self.sender.connection() as smtp:
+                for entry_id, fields in rows:
+                    done += await self._one(smtp, entry_id, fields)
+        except RedisError as exc:
+            self.redis_outage.failed(exc)
+            return done
+        except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+            self.smtp_outage.failed(exc)
+            return done
+        self.smtp_outage.ok()
+        return done
+
+    async def _one(self, smtp: aiosmtplib.SMTP, entry_id: str, fields: dict[bytes, bytes]) -> int:
+        key = self.queue.stream_key
+        mail_id = fields.get(b"id", b"").decode()
+        raw = fields.get(b"message")
+        if not mail_id or raw is None:
+            log.error("mail queue entry %s is malformed; dropping it", entry_id)
+            await self.redis.xack(key, GROUP, entry_id)
+            return 1
+        record = self.queue.record_key(mail_id)
+        if await self.queue.state(mail_id) in ("sent", "failed"):
+            await self.redis.xack(key, GROUP, entry_id)  # accepted before; do not send again
+            return 1
+        msg = message_from_bytes(raw, policy=policy.default)
+        try:
+            await smtp.send_message(msg)
+        except aiosmtplib.SMTPException as exc:
+            if not _permanent(exc):
+                raise
+            log.error("mail %s to %s refused for good by the SMTP server: %s", mail_id,
+                      msg["To"], exc)
+            await self._finish(record, entry_id, "failed")
+            return 1
+        await self._finish(record, entry_id, "sent")
+        log.info("mail %s sent to %s", mail_id, msg["To"])
+        return 1
+
+    async def _finish(self, record: str, entry_id: str, state: str) -> None:
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(record, mapping={"state": state, state: f"{time.time():.3f}"})
+            pipe.xack(self.queue.stream_key, GROUP, entry_id)
+            await pipe.execute()
+
+    async def run(self, stop: asyncio.Event, block_ms: int = 500) -> None:
+        """Send mail until ``stop`` is set, backing off while SMTP or Redis is down."""
+        while not stop.is_set():
+            await self.process_batch(block_ms)
+            failures = max(self.smtp_outage.failures, self.redis_outage.failures)
+            if failures:
+                try:
+                    await asyncio.wait_for(stop.wait(), retry_delay(failures, cap=60.0))
+                except TimeoutError:
+                    pass

@@ -1,0 +1,337 @@
+"""The policy worker: acts on threshold crossings from the ledger's outbox stream.
+
+At least once, never twice: events are read with the consumer group ``policy``
+(XREADGROUP), a dead worker's pending events are claimed by another (XAUTOCLAIM after
+``claim_idle_ms``), and an event is acknowledged only after its action completed or was
+given up for good.  Doing an action again is harmless: the gateway charge and the ledger
+credit share the idempotency key ``autotopup:<crossing>``, a decline is counted once per
+event, and each e-mail has its own id in the mail queue.
+
+Redis keys (``P`` = key prefix, all per-account keys in the account's hash tag):
+``P:outbox`` (stream, group ``policy``), ``P:{acct:ID}:topup-lock`` (one top-up in flight),
+``P:{acct:ID}:topup:<crossing>`` (hash: amount, state, attempts, declined, switched),
+``P:{acct:ID}:topups:<YYYYMMDD>`` (hash crossing -> amount: today's top-ups for the caps).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError, ResponseError
+
+from policy.decide import (
+    Decision,
+    Event,
+    State,
+    after_decline,
+    day_of,
+    decide,
+    parse_event,
+    retry_delay,
+    stamp,
+)
+from policy.gateway import ChargeResult, Gateway, PaymentError, make_gateway
+from policy.mailer import MailQueue, MailWorker, Templates, compose
+from policy.outage import Outage
+from prepaid.config import Settings
+from prepaid.errors import InputError, StoreUnavailable, UnknownAccount
+from prepaid.ledger import Account, Ledger
+from prepaid.money import format_amount
+from prepaid.store import Store
+
+log = logging.getLogger(__name__)
+
+GROUP = "policy"
+RECORD_TTL = 7 * 86400
+DAY_TTL = 3 * 86400
+
+_UNLOCK_LUA = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+def mail_context(acct: Account, **extra: str) -> dict[str, str]:
+    """The placeholders every template may use, money formatted in the account currency."""
+    ctx = {"account": acct.id, "currency": acct.currency,
+           "balance": format_amount(acct.balance, acct.currency),
+           "threshold": format_amount(acct.threshold, acct.currency),
+           "amount": format_amount(acct.topup_amount, acct.currency),
+           "card": f"{acct.card_brand} ending {acct.card_last4}" if acct.has_card else "none",
+           "reference": "", "reason": "", "advice": "", "switched": "",
+           "time": stamp(time.time())}
+    ctx.update(extra)
+    return ctx
+
+
+class PolicyWorker:
+    def __init__(self, client: aioredis.Redis, ledger: Ledger, settings: Settings,
+                 gateway: Gateway, *, consumer: str | None = None,
+                 claim_idle_ms: int = 60_000, lock_seconds: int = 120, max_attempts: int = 5,
+                 batch: int = 20, now: Callable[[], float] = time.time) -> None:
+        self.redis = client
+        self.ledger = ledger
+        self.settings = settings
+        self.caps = settings.policy
+        self.gateway = gateway
+        self.prefix = ledger.prefix
+        self.mail = MailQueue(client, self.prefix)
+        self.templates = Templates(settings.smtp.templates)
+        self.consumer = consumer or f"{socket.gethostname()}-{secrets.token_hex(3)}"
+        self.claim_idle_ms = claim_idle_ms
+        self.lock_seconds = lock_seconds
+        self.max_attempts = max_attempts
+        self.batch = batch
+        self.now = now
+        self.redis_outage = Outage("Redis (policy outbox)", log)
+        self._unlock = client.register_script(_UNLOCK_LUA)
+        self._group_ready = False
+        self._cursor = "0-0"
+
+    # -- keys ----------------------------------------------------------------
+    def _acct(self, account: str) -> str:
+        return self.ledger.account_key(account)
+
+    def lock_key(self, account: str) -> str:
+        return f"{self._acct(account)}:topup-lock"
+
+    def record_key(self, ev: Event) -> str:
+        return f"{self._acct(ev.account)}:topup:{ev.crossing}"
+
+    def day_key(self, account: str, now: float) -> str:
+        return f"{self._acct(account)}:topups:{day_of(now)}"
+
+    # -- reading the outbox ------------------------------------------------------
+    async def ensure_group(self) -> None:
+        if self._group_ready:
+            return
+        try:
+            await self.redis.xgroup_create(self.ledger.outbox_key, GROUP, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+        self._group_ready = True
+
+    async def fetch(self, block_ms: int | None = None) -> list[tuple[str, dict[str, str]]]:
+        """Events idle in a dead (or this) worker's hands first, then new ones."""
+        await self.ensure_group()
+        key = self.ledger.outbox_key
+        claimed: Any = await self.redis.xautoclaim(key, GROUP, self.consumer,
+                                                   self.claim_idle_ms, self._cursor,
+                                                   count=self.batch)
+        nxt = claimed[0]
+        self._cursor = nxt.decode() if isinstance(nxt, bytes) else str(nxt)
+        rows: list[Any] = list(claimed[1])
+        if not rows:
+            new: Any = await self.redis.xreadgroup(GROUP, self.consumer, {key: ">"},
+                                                   count=self.batch, block=block_ms)
+            rows = new[0][1] if new else []
+        return [(_s(i), {_s(k): _s(v) for k, v in (f or {}).items()}) for i, f in rows]
+
+    async def process_batch(self, block_ms: int | None = None) -> int:
+        """Handle what is waiting; return how many events were acknowledged.
+
+        Redis outages are logged once and leave the events for a later batch.
+        """
+        try:
+            rows = await self.fetch(block_ms)
+            acked = 0
+            for entry_id, fields in rows:
+                if await self.handle(entry_id, fields):
+                    await self.redis.xack(self.ledger.outbox_key, GROUP, entry_id)
+                    acked += 1
+        except (RedisError, OSError, StoreUnavailable) as exc:
+            self.redis_outage.failed(exc)
+            return 0
+        self.redis_outage.ok()
+        return acked
+
+    async def run(self, stop: asyncio.Event, block_ms: int = 500) -> None:
+        while not stop.is_set():
+            await self.process_batch(block_ms)
+            if self.redis_outage.failures:
+                try:
+                    await asyncio.wait_for(stop.wait(),
+                                           retry_delay(self.redis_outage.failures, cap=30.0))
+                except TimeoutError:
+                    pass
+
+    # -- one event -------------------------------------------------------------
+    async def handle(self, entry_id: str, fields: dict[str, str]) -> bool:
+        """Act on one outbox entry; True when it may be acknowledged."""
+        try:
+            ev = parse_event(entry_id, fields)
+        except InputError as exc:
+            log.error("%s; dropping it", exc)
+            return True
+        token = secrets.token_hex(8)
+        lock = self.lock_key(ev.account)
+        if not await self.redis.set(lock, token, nx=True, ex=self.lock_seconds):
+            log.info("top-up for account %s already in flight; event %s waits", ev.account,
+                     entry_id)
+            return False
+        try:
+            return await self._handle_locked(ev)
+        finally:
+            await self._unlock(keys=[lock], args=[token])
+
+    async def _handle_locked(self, ev: Event) -> bool:
+        try:
+            acct = await self.ledger.get(ev.account)
+        except UnknownAccount:
+            log.error("outbox event %s names unknown account %s; dropping it", ev.id, ev.account)
+            return True
+        now = self.now()
+        state = await self._state(acct, ev, now)
+        decision = decide(state, self.caps, now)
+        log.info("account %s crossing %s: %s %s", ev.account, ev.crossing, decision.kind,
+                 decision.reason)
+        if decision.kind == "ignore":
+            return True
+        if decision.kind == "warn":
+            await self._mail(acct, "low_balance", f"low:{ev.crossing}", mail_context(acct))
+            return True
+        if decision.kind == "refuse":
+            await self._mail(acct, "topup_failed", f"fail:{ev.crossing}", mail_context(
+                acct, reason=decision.reason, reference=f"autotopup:{ev.crossing}",
+                advice=_advice(decision.reason)))
+            return True
+        return await self._topup(acct, ev, decision, now)
+
+    async def _state(self, acct: Account, ev: Event, now: float) -> State:
+        raw = await self.redis.hmget(self._acct(acct.id), ["declines", "decline_until"])
+        record = await self.redis.hget(self.record_key(ev), "amount")
+        today = await self.redis.hgetall(self.day_key(acct.id, now))
+        return State(
+            currency=acct.currency, email=acct.email, status=acct.status, balance=acct.balance,
+            threshold=acct.threshold, action=acct.action, policy_enabled=acct.policy_enabled,
+            topup_amount=acct.topup_amount, has_card=acct.has_card,
+            declines=int(_s(raw[0]) or 0) if raw[0] else 0,
+            decline_until=float(_s(raw[1]) or 0) if raw[1] else 0.0,
+            topups_today=sum(1 for k in today if _s(k) != ev.crossing),
+            amount_today=sum(int(v) for k, v in today.items() if _s(k) != ev.crossing),
+            started_amount=int(record) if record else 0)
+
+    async def _topup(self, acct: Account, ev: Event, decision: Decision, now: float) -> bool:
+        amount = decision.amount
+        record = self.record_key(ev)
+        day = self.day_key(acct.id, now)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hsetnx(record, "amount", amount)
+            pipe.hsetnx(record, "state", "charging")
+            pipe.expire(record, RECORD_TTL)
+            pipe.hset(day, ev.crossing, amount)
+            pipe.expire(day, DAY_TTL)
+            await pipe.execute()
+        key = f"autotopup:{ev.crossing}"
+        try:
+            result = await self.gateway.charge(acct.id, acct.card_token, amount, acct.currency,
+                                               key)
+        except (PaymentError, InputError) as exc:
+            attempts = await self.redis.hincrby(record, "attempts", 1)
+            permanent = isinstance(exc, InputError)
+            if not permanent and attempts < self.max_attempts:
+                log.warning("top-up %s for account %s: %s; will retry (attempt %s of %s)",
+                            key, acct.id, exc, attempts, self.max_attempts)
+                return False
+            log.error("top-up %s for account %s given up: %s", key, acct.id, exc)
+            await self.redis.hset(record, "state", "failed")
+            await self.redis.hdel(day, ev.crossing)
+            await self._mail(acct, "topup_failed", f"fail:{ev.crossing}", mail_context(
+                acct, amount=format_amount(amount, acct.currency), reference=key,
+                reason="the payment provider could not be reached" if not permanent else str(exc),
+                advice="please top up manually; if your card statement shows this payment, "
+                       "it will be credited automatically or refunded"))
+            return True
+        if result.ok:
+            return await self._credited(acct, ev, amount, key, result)
+        return await self._declined(acct, ev, amount, key, result, now)
+
+    async def _credited(self, acct: Account, ev: Event, amount: int, key: str,
+                        result: ChargeResult) -> bool:
+        change = await self.ledger.credit(acct.id, amount, key=key,
+                                          ref=f"automatic top-up {result.charge_id}")
+        await self.ledger.update(acct.id, declines="0", decline_until="0")
+        await self.redis.hset(self.record_key(ev), "state", "credited")
+        log.info("account %s topped up by %s (charge %s), balance %s", acct.id,
+                 format_amount(amount, acct.currency), result.charge_id,
+                 format_amount(change.balance, acct.currency))
+        await self._mail(acct, "topup_receipt", f"receipt:{ev.crossing}", mail_context(
+            acct, amount=format_amount(amount, acct.currency),
+            balance=format_amount(change.balance, acct.currency),
+            reference=result.charge_id or key))
+        return True
+
+    async def _declined(self, acct: Account, ev: Event, amount: int, key: str,
+                        result: ChargeResult, now: float) -> bool:
+        record = self.record_key(ev)
+        await self.redis.hdel(self.day_key(acct.id, now), ev.crossing)
+        if await self.redis.hsetnx(record, "declined", result.status):  # count each once
+            raw = await self.redis.hget(self._acct(acct.id), "declines")
+            outcome = after_decline(int(raw or 0), self.caps, now)
+            fields = {"declines": str(outcome.declines),
+                      "decline_until": f"{outcome.decline_until:.0f}"}
+            if outcome.switch_to_email:
+                fields["action"] = "email"
+            await self.ledger.update(acct.id, **fields)
+            await self.redis.hset(record, mapping={
+                "state": "declined", "switched": "1" if outcome.switch_to_email else "0"})
+            log.warning("top-up %s for account %s %s: %s (%s in a row)%s", key, acct.id,
+                        result.status, result.reason, outcome.declines,
+                        "; switched the account to e-mail warnings"
+                        if outcome.switch_to_email else "")
+        switched = await self.redis.hget(record, "switched") == b"1"
+        after = await self.ledger.get(acct.id)
+        advice = ("please approve the payment with your bank, or top up manually"
+                  if result.status == "auth_required" else
+                  "please check your card or store a new one, or top up manually")
+        note = ("After repeated declines, automatic top-ups are switched off: we will only "
+                "e-mail you when your balance is low until you store a working card and "
+                "switch automatic top-ups on again.") if switched else ""
+        await self._mail(after, "topup_failed", f"fail:{ev.crossing}", mail_context(
+            after, amount=format_amount(amount, acct.currency), reference=key,
+            reason=result.reason or f"the card was {result.status}", advice=advice,
+            switched=note))
+        return True
+
+    async def _mail(self, acct: Account, kind: str, mail_id: str, ctx: dict[str, str]) -> None:
+        if not acct.email:
+            log.info("account %s has no e-mail address; %s not sent", acct.id, kind)
+            return
+        msg = compose(self.templates, self.settings.smtp.sender, acct.email, kind, ctx, mail_id)
+        await self.mail.enqueue(mail_id, msg)
+
+
+def _advice(reason: str) -> str:
+    if "card" in reason and "stored" in reason:
+        return "store a card for automatic top-ups, or top up manually"
+    if "limit" in reason:
+        return "top up manually; automatic top-ups resume tomorrow"
+    return "please top up manually"
+
+
+def _s(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+async def run(store: Store, stop: asyncio.Event, *, claim_idle_ms: int = 60_000) -> None:
+    """Run one policy worker and one mail worker until ``stop`` is set (``prepaid serve``)."""
+    settings = store.settings
+    gateway = make_gateway(settings, store.redis)
+    worker = PolicyWorker(store.redis, store.ledger, settings, gateway,
+                          claim_idle_ms=claim_idle_ms)
+    mailer = MailWorker(store.redis, settings.smtp, prefix=settings.redis.key_prefix,
+                        claim_idle_ms=claim_idle_ms)
+    block_ms = max(50, min(500, int(settings.redis.timeout * 1000 / 2)))
+    log.info("policy worker %s started (gateway %s)", worker.consumer, settings.payments.gateway)
+    async with asyncio.TaskGroup() as tasks:
+        tasks.create_task(worker.run(stop, block_ms), name="policy-worker")
+        tasks.create_task(mailer.run(stop, block_ms), name="mail-worker")
+    log.info("policy worker %s stopped", worker.consumer)
