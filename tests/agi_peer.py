@@ -1,0 +1,128 @@
+"""A test AGI peer: plays Asterisk's side of an AGI session over the real wire format.
+
+It sends the ``agi_*: value`` header and a blank line, then reads each command line and
+answers as Asterisk does (``200 result=1``, ``200 result=1 (value)``, ``HANGUP`` + ``511``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shlex
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+DEAD = "511 Command Not Permitted on a dead channel or intercepted routine"
+
+
+def agi_env(uniqueid: str = "1700000000.1", extension: str = "00491701234567", *,
+            callerid: str = "1001", accountcode: str = "", script: str = "authorize",
+            port: int = 4573, **extra: str) -> dict[str, str]:
+    """The header Asterisk 22 sends for AGI(agi://127.0.0.1:<port>/<script>)."""
+    env = {
+        "agi_network": "yes", "agi_network_script": script,
+        "agi_request": f"agi://127.0.0.1:{port}/{script}",
+        "agi_channel": f"PJSIP/{callerid or 'anon'}-00000001", "agi_language": "en",
+        "agi_type": "PJSIP", "agi_uniqueid": uniqueid, "agi_version": "22.0.0",
+        "agi_callerid": callerid or "unknown", "agi_calleridname": "Test",
+        "agi_callingpres": "0", "agi_callingani2": "0", "agi_callington": "0",
+        "agi_callingtns": "0", "agi_dnid": extension, "agi_rdnis": "unknown",
+        "agi_context": "prepaid-outbound", "agi_extension": extension, "agi_priority": "2",
+        "agi_enhanced": "0.0", "agi_accountcode": accountcode, "agi_threadid": "140000000",
+    }
+    env.update(extra)
+    return env
+
+
+@dataclass
+class AgiPeer:
+    env: dict[str, str]
+    variables: dict[str, str] = field(default_factory=dict)  # what GET VARIABLE finds
+    hangup_at: str | None = None  # hang up when a command starts with this
+    on_hangup: Callable[[], None] | None = None  # e.g. send SIGHUP to a process AGI
+    hold_reply: asyncio.Event | None = None  # wait for this before answering hangup_at
+    commands: list[str] = field(default_factory=list)
+    set_vars: dict[str, str] = field(default_factory=dict)
+    closed_by_server: bool = False
+    dead: bool = False
+
+    def reply(self, command: str) -> list[str]:
+        if self.dead:
+            return [DEAD]
+        if self.hangup_at is not None and command.startswith(self.hangup_at):
+            self.dead = True
+            if self.on_hangup is not None:
+                self.on_hangup()
+                return [DEAD]
+            return ["HANGUP", DEAD]
+        words = shlex.split(command)
+        verb = " ".join(words[:2]).upper()
+        if verb == "SET VARIABLE" and len(words) == 4:
+            self.set_vars[words[2]] = words[3]
+            return ["200 result=1"]
+        if verb == "GET VARIABLE" and len(words) == 3:
+            value = self.variables.get(words[2])
+            return ["200 result=0"] if value is None else [f"200 result=1 ({value})"]
+        if verb == "STREAM FILE":
+            return ["200 result=0 endpos=12000"]
+        if verb == "SAY NUMBER":
+            return ["200 result=0"]
+        if words and words[0].upper() == "ANSWER":
+            return ["200 result=0"]
+        if words and words[0].upper() == "HANGUP":
+            self.dead = True
+            return ["200 result=1"]
+        return ["510 Invalid or unknown command"]
+
+    async def run(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter | object,
+                  within: float = 10.0) -> list[str]:
+        """Send the header, answer commands until the other side closes; return the commands."""
+        header = "".join(f"{k}: {v}\n" for k, v in self.env.items()) + "\n"
+        w = writer
+        w.write(header.encode())  # type: ignore[attr-defined]
+        await w.drain()  # type: ignore[attr-defined]
+        async with asyncio.timeout(within):
+            while True:
+                line = await reader.readline()
+                if not line:
+                    self.closed_by_server = True
+                    return self.commands
+                command = line.decode().rstrip("\n")
+                self.commands.append(command)
+                if (self.hold_reply is not None and self.hangup_at is not None
+                        and command.startswith(self.hangup_at)):
+                    await self.hold_reply.wait()
+                for out in self.reply(command):
+                    w.write(out.encode() + b"\n")  # type: ignore[attr-defined]
+                try:
+                    await w.drain()  # type: ignore[attr-defined]
+                except (ConnectionError, OSError):
+                    return self.commands
+
+    async def call(self, port: int, host: str = "127.0.0.1", within: float = 10.0) -> list[str]:
+        """One FastAGI call over TCP, as Asterisk's AGI(agi://host:port/...) makes it."""
+        reader, writer = await asyncio.open_connection(host, port)
+        try:
+            return await self.run(reader, writer, within)
+        finally:
+            writer.close()
+            try:
+                await writer.wait_closed()
+            except (ConnectionError, OSError):
+                pass
+
+
+def variable_commands(status: str, reason: str, account: str, ref: str, max_seconds: str,
+                      dial_limit: str, low_balance: str | None = None) -> list[str]:
+    """The SET VARIABLE lines the authorize route sends, in order."""
+    out = [f'SET VARIABLE PREPAID_STATUS "{status}"', f'SET VARIABLE PREPAID_REASON "{reason}"',
+           f'SET VARIABLE PREPAID_ACCOUNT "{account}"', f'SET VARIABLE PREPAID_CALLREF "{ref}"',
+           f'SET VARIABLE PREPAID_MAX_SECONDS "{max_seconds}"',
+           f'SET VARIABLE PREPAID_DIAL_LIMIT "{dial_limit}"']
+    if status == "ALLOWED":
+        out += ['SET VARIABLE LIMIT_WARNING_FILE "prepaid/credit-expires-in-one-minute"',
+                f'SET VARIABLE PREPAID_LOW_BALANCE "{low_balance or "0"}"']
+    return out
+
+
+DENY_TAIL = ["ANSWER", 'STREAM FILE prepaid/call-cannot-be-completed ""', "HANGUP"]
+NO_CREDIT_TAIL = ["ANSWER", 'STREAM FILE prepaid/balance-too-low ""', "HANGUP"]
