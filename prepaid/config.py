@@ -253,4 +253,24 @@ def load(path: Path | None = None, env: Mapping[str, str] | None = None) -> Sett
         data = tomllib.loads(raw.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    return parse(data, str(path), env)
+    settings = parse(data, str(path), env)
+    _refuse_exposed_secrets(path, data)
+    return settings
+
+
+def _refuse_exposed_secrets(path: Path, data: Mapping[str, Any]) -> None:
+    """A file anyone on the host can read must not hold secrets."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return
+    if not mode & 0o004:
+        return
+    found = [f"[{sec}] {key}" for (sec, key) in _ENV
+             if isinstance(data.get(sec), dict) and data[sec].get(key)
+             and (key != "url" or re.search(r"//[^/@]*:[^/@]+@", str(data[sec][key])))]
+    if found:
+        raise ConfigError(
+            f"{path}: holds secrets ({', '.join(found)}) but is readable by every user; "
+            f"run 'chmod 640 {path}' or move them to the environment "
+            f"({', '.join(_ENV[k] for k in _ENV if f'[{k[0]}] {k[1]}' in found)})")

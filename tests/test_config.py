@@ -57,6 +57,7 @@ def test_secrets_from_the_environment_and_relative_paths(tmp_path: Path) -> None
     f = tmp_path / "p.toml"
     f.write_text("[ami]\nsecret = 'in-file'\n[billing]\nrates = 'rates.csv'\n"
                  "[smtp]\nfrom = 'billing@example.org'\n")
+    f.chmod(0o600)
     s = load(f, env={"PREPAID_AMI_SECRET": "from-env",
                      "PREPAID_REDIS_URL": "redis://:pw@127.0.0.1:1/0"})
     assert s.ami.secret == "from-env"
@@ -69,3 +70,18 @@ def test_config_from_env_variable(tmp_path: Path) -> None:
     f = tmp_path / "p.toml"
     f.write_text("[billing]\ncurrency = 'USD'\n")
     assert load(None, env={"PREPAID_CONFIG": str(f)}).billing.currency == "USD"
+
+
+def test_world_readable_file_with_secrets_is_refused(tmp_path: Path) -> None:
+    f = tmp_path / "p.toml"
+    f.write_text("[ami]\nsecret = 's3cret'\n")
+    f.chmod(0o644)
+    with pytest.raises(ConfigError) as err:
+        load(f, env={})
+    assert "[ami] secret" in str(err.value) and "s3cret" not in str(err.value)
+    assert "chmod 640" in str(err.value) and "PREPAID_AMI_SECRET" in str(err.value)
+    f.chmod(0o640)
+    assert load(f, env={}).ami.secret == "s3cret"
+    f.write_text("[redis]\nurl = 'redis://127.0.0.1:6379/0'\n")
+    f.chmod(0o644)
+    assert load(f, env={}).redis.url.endswith("/0")  # no password in it: fine
