@@ -185,7 +185,9 @@ async def test_trunk_variants_via_prepaid_trunk(
         Data="2", Async="true",
     )
     assert resp["Response"] == "Success"
-    end = await ami.wait_event(event("DialEnd", DestExten=f"^{number}$"), within=10)
+    end = await ami.wait_event(
+        event("DialEnd", DestChannel=f"^Local/{number}@default-"), within=10
+    )
     assert end["DialStatus"] == dialstatus
 
 
@@ -236,3 +238,79 @@ def test_record_ami_saves_raw_stream(pbx: Pbx, tmp_path: Path) -> None:
     assert raw.count(b"Event: Cdr\r\n") == 1
     assert b"Disposition: BUSY\r\n" in raw
     assert b"\n" not in raw.replace(b"\r\n", b"")
+
+
+PROJECT_EXTENSIONS = """\
+[globals]
+PREPAID_TRUNK = PJSIP/carrier
+
+[prepaid-outbound]
+exten => _X.,1,NoOp(prepaid call to ${EXTEN} from ${CALLERID(num)})
+ same => n,AGI(agi://127.0.0.1:4573/authorize)
+ same => n,Dial(${PREPAID_TRUNK}/${EXTEN},10)
+ same => n,Hangup()
+"""
+
+PROJECT_MANAGER = """\
+[general]
+enabled = yes
+port = 5038
+bindaddr = 0.0.0.0
+
+[prepaid]
+secret = s3cret
+read = call,cdr
+write = call
+"""
+
+
+async def test_project_conf_merged_and_fastagi_reached(
+    make_pbx: Callable[..., Pbx], tmp_path: Path
+) -> None:
+    """The project's dialplan runs with its agi:// pointed at the test's FastAGI server and its
+    PREPAID_TRUNK replaced by the fake trunk; its AMI user exists; a SIPp call goes through."""
+    conf = tmp_path / "asterisk-conf"
+    conf.mkdir()
+    (conf / "extensions.conf").write_text(PROJECT_EXTENSIONS)
+    (conf / "manager.conf").write_text(PROJECT_MANAGER)
+    requests: asyncio.Queue[dict[str, str]] = asyncio.Queue()
+
+    async def fastagi(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        env: dict[str, str] = {}
+        while (line := (await reader.readline()).decode().strip()):
+            key, _, value = line.partition(": ")
+            env[key] = value
+        writer.write(b"SET VARIABLE PREPAID_AUTHORIZED yes\n")
+        await writer.drain()
+        env["reply"] = (await reader.readline()).decode().strip()
+        requests.put_nowait(env)
+        writer.close()
+
+    server = await asyncio.start_server(fastagi, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        pbx = make_pbx(agi_port=port, project_conf=conf)
+        assert f"agi://127.0.0.1:{port}/authorize" in (pbx.etc_dir / "extensions.conf").read_text()
+        assert "prepaid" in pbx.cli("manager show users")
+        assert pbx.ami_port != 5038
+        ami = await Ami.connect(pbx.ami_port, "prepaid", "s3cret")
+        try:
+            res = await asyncio.to_thread(pbx.sipp, [
+                "-sn", "uac", "-s", "00390612345678", "-m", "1", "-d", "200",
+                "-i", "127.0.0.1", "-p", str(pbx.sipp_port), "-timeout", "15s",
+                "-timeout_error", f"127.0.0.1:{pbx.sip_port}"], 30)
+            assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+            env = await asyncio.wait_for(requests.get(), 5)
+            assert env["agi_network_script"] == "authorize"
+            assert env["agi_extension"] == "00390612345678"
+            assert env["reply"].startswith("200 result=1")
+            end = await ami.wait_event(
+                event("DialEnd", DestChannel="^Local/00390612345678@default-")
+            )
+            assert end["DialStatus"] == "ANSWER"
+            assert (await ami.wait_event(event("Cdr")))["Disposition"] == "ANSWERED"
+        finally:
+            await ami.close()
+    finally:
+        server.close()
+        await server.wait_closed()
