@@ -196,6 +196,10 @@ def ensure_rootfs(path: Path | str | None = None) -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if rootfs_ready(root):
             return root
+        # Leftovers of interrupted builds (we hold the lock: nobody else is building).
+        for stale in root.parent.glob(f".{root.name}.*-*"):
+            if stale.is_dir() and (".tmp-" in stale.name or ".old-" in stale.name):
+                shutil.rmtree(stale, ignore_errors=True)
         _ensure_mmdebstrap()
         mirror = apt_mirror()
         log = root.parent / f"{root.name}.build.log"
