@@ -1,0 +1,369 @@
+"""The I/O side of metering: carries out the tracker's actions on the ledger, Redis and AMI.
+
+One lock serializes events and ticks, so each call sees one ordered stream.  Redis outages
+are logged once (and the recovery once); what could not be done is asked for again by the
+tracker on the next tick, and ledger idempotency keys make every retry safe:
+
+- block 1: ``settle(account, "call:<ref>", block_cost(rate, 1), key="blk:<ref>:1")``
+- block n: ``debit(account, block_cost(rate, n), key="blk:<ref>:<n>")``
+- a block paid for time the call never reached (a hangup still on the wire when a tick
+  paid it): ``credit(..., key="rfd:<ref>:<n>")``
+- never answered: ``release(account, "call:<ref>", key="rel:<ref>")``
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Protocol
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from agi.callrecord import CallRecord, hold_id, record_key
+from ami_listener.protocol import timestamp_us
+from ami_listener.tracker import (
+    US,
+    Action,
+    CallInfo,
+    CheckCredit,
+    Cutoff,
+    Extend,
+    Finish,
+    Lookup,
+    PayBlock,
+    ReleaseHold,
+    Tracker,
+)
+from prepaid.errors import LedgerError, StoreUnavailable, UnknownAccount
+from prepaid.ledger import Ledger
+from prepaid.rating import billed_seconds, block_cost, cost, covered_seconds
+
+log = logging.getLogger(__name__)
+
+HISTORY_MAX = 10_000  # call records kept per account
+WARNING_FILE = "prepaid/credit-expires-in-one-minute"
+
+# Log the call once: only the first finisher of a reference writes its record.
+_FINISH_LUA = """
+if redis.call('HSETNX', KEYS[1], 'finished', ARGV[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], 'state', 'ended')
+redis.call('EXPIRE', KEYS[1], 3600)
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', unpack(ARGV, 3))
+return 1
+"""
+
+
+class Commands(Protocol):
+    """Where AMI actions go (the live connection, or a list in tests)."""
+
+    def send(self, name: str, **headers: str) -> str: ...
+
+
+class Discard:
+    """No AMI link at the moment: actions are dropped (the tracker repeats what matters)."""
+
+    def send(self, name: str, **headers: str) -> str:
+        log.debug("no AMI link; %s not sent", name)
+        return ""
+
+
+@dataclass(frozen=True, slots=True)
+class Settlement:
+    """What a finished call cost, as written to the account's call history."""
+
+    ref: str
+    account: str
+    number: str
+    prefix: str
+    rate_name: str
+    answered: float | None
+    ended: float | None
+    duration: int
+    billed: int
+    cost: int
+    blocks: int
+    cause: str
+    source: str
+    cutoff: int
+
+    def fields(self) -> dict[str, str]:
+        return {"ref": self.ref, "account": self.account, "number": self.number,
+                "prefix": self.prefix, "rate": self.rate_name,
+                "answered": "" if self.answered is None else f"{self.answered:.6f}",
+                "ended": "" if self.ended is None else f"{self.ended:.6f}",
+                "duration": str(self.duration), "billed": str(self.billed),
+                "cost": str(self.cost), "blocks": str(self.blocks), "cause": self.cause,
+                "source": self.source, "cutoff": str(self.cutoff)}
+
+
+def calls_key(ledger: Ledger, account: str) -> str:
+    return f"{ledger.account_key(account)}:calls"
+
+
+class Meter:
+    """Runs tracker actions against Redis and AMI; feed it events and ticks."""
+
+    def __init__(self, ledger: Ledger, *, prefix: str = "prepaid", warning_seconds: int = 60,
+                 commands: Commands | None = None, warning_context: str = "prepaid-warning"
+                 ) -> None:
+        self.ledger = ledger
+        self.redis: aioredis.Redis = ledger.redis
+        self.prefix = prefix
+        self.tracker = Tracker(warning_seconds=warning_seconds)
+        self.commands: Commands = commands or Discard()
+        self.warning_context = warning_context
+        self.down = False
+        self.settled: list[Settlement] = []  # the last few, for tests and the benchmark
+        self.errors = 0
+        self._finish = self.redis.register_script(_FINISH_LUA)
+        self._lock = asyncio.Lock()
+
+    # -- inputs ---------------------------------------------------------------------
+    async def handle(self, msg: dict[str, str]) -> None:
+        async with self._lock:
+            await self._run(self.tracker.feed(msg))
+
+    async def tick(self, now_us: int) -> None:
+        async with self._lock:
+            if self.down and not await self._probe():
+                self.tracker.tick(now_us)  # keep the clock; act once Redis is back
+                return
+            await self._run(self.tracker.tick(now_us))
+
+    async def recover(self) -> int:
+        """After a (re)start or reconnect: resume every call Redis still holds as live.
+
+        Afterwards send ``CoreShowChannels``; its ``CoreShowChannelsComplete`` tells the
+        tracker which of these calls ended while we were away.  Returns how many resumed.
+        """
+        async with self._lock:
+            self.tracker.begin_listing()
+            try:
+                records = await self._live_records()
+            except StoreUnavailable as exc:
+                self._outage(exc)
+                return 0
+            count = 0
+            for ref, info in records:
+                if ref not in self.tracker.calls:
+                    count += 1
+                await self._run(self.tracker.attach(ref, info, resumed=True))
+            return count
+
+    async def _live_records(self) -> list[tuple[str, CallInfo]]:
+        out = []
+        try:
+            keys = [k async for k in self.redis.scan_iter(f"{self.prefix}:callref:*",
+                                                          count=1000)]
+            for key in keys:
+                raw = await self.redis.hgetall(key)
+                h = {_text(k): _text(v) for k, v in raw.items()}
+                if h.get("state") not in ("authorized", "answered") or "finished" in h:
+                    continue
+                info = _info(h)
+                if info is not None:
+                    name = key.decode() if isinstance(key, bytes) else str(key)
+                    out.append((name.rsplit(":", 1)[1], info))
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable(f"Redis is unavailable listing live calls: {exc}") from exc
+        return out
+
+    # -- carrying out actions -------------------------------------------------------
+    async def _run(self, actions: Iterable[Action]) -> None:
+        queue = list(actions)
+        while queue:
+            action = queue.pop(0)
+            try:
+                queue += await self._do(action)
+            except StoreUnavailable as exc:
+                self._outage(exc)
+                self.tracker.failed(action.ref)
+            except Exception:
+                self.errors += 1
+                log.exception("metering %s failed", action)
+                self.tracker.failed(action.ref)
+
+    async def _do(self, action: Action) -> list[Action]:
+        if isinstance(action, (Lookup, PayBlock, ReleaseHold, Finish, CheckCredit)) and (
+                self.down and not await self._probe()):
+            self.tracker.failed(action.ref)
+            return []
+        if isinstance(action, Lookup):
+            return await self._lookup(action)
+        if isinstance(action, PayBlock):
+            return await self._pay(action)
+        if isinstance(action, ReleaseHold):
+            await self._release(action.ref, action.account)
+            self.tracker.released(action.ref)
+            return []
+        if isinstance(action, Finish):
+            await self._settle(action)
+            return []
+        if isinstance(action, Extend):
+            self._extend(action)
+            return []
+        if isinstance(action, Cutoff):
+            log.info("call %s cut off: block %s cannot be paid", action.ref, action.n)
+            if action.channel:
+                self.commands.send("Hangup", Channel=action.channel, Cause="16")
+            return []
+        if isinstance(action, CheckCredit):
+            await self._check_credit(action)
+            return []
+        raise AssertionError(f"unknown action {action!r}")  # pragma: no cover
+
+    async def _lookup(self, action: Lookup) -> list[Action]:
+        try:
+            raw = await self.redis.hgetall(record_key(self.prefix, action.ref))
+        except (RedisError, OSError) as exc:
+            self.tracker.lookup_failed(action.ref)
+            raise StoreUnavailable(f"Redis is unavailable reading call {action.ref}: {exc}"
+                                   ) from exc
+        h = {_text(k): _text(v) for k, v in raw.items()}
+        info = _info(h) if h and "finished" not in h else None
+        if info is None:
+            if h:
+                log.debug("call record %s unusable or already finished", action.ref)
+            self.tracker.not_prepaid(action.ref)
+            return []
+        return self.tracker.attach(action.ref, info)
+
+    async def _pay(self, action: PayBlock) -> list[Action]:
+        ref, n = action.ref, action.n
+        try:
+            await self._pay_block(action.account, ref, n, action.amount, force=False)
+        except LedgerError as exc:
+            if exc.code == "NO_CREDIT" or isinstance(exc, UnknownAccount):
+                log.info("call %s: block %s (%s) refused: %s", ref, n, action.amount, exc)
+                return self.tracker.refused(ref, n)
+            if exc.code != "IDEM_CONFLICT":
+                raise
+            log.warning("call %s: block %s was already paid with another amount", ref, n)
+        await self._call(self.redis.hset(record_key(self.prefix, ref), mapping={
+            "state": "answered", "answered_at": f"{action.answered_us / US:.6f}",
+            "blocks_paid": str(n)}))
+        return self.tracker.paid(ref, n)
+
+    async def _pay_block(self, account: str, ref: str, n: int, amount: int, *,
+                         force: bool) -> None:
+        key = f"blk:{ref}:{n}"
+        if amount <= 0:
+            if n == 1:  # a free first block still ends the reservation
+                await self._release(ref, account)
+            return
+        if n == 1:
+            await self.ledger.settle(account, hold_id(ref), amount, key=key, ref=f"call {ref}",
+                                     force=force)
+        else:
+            await self.ledger.debit(account, amount, key=key, ref=f"call {ref}", force=force)
+
+    async def _release(self, ref: str, account: str) -> None:
+        try:
+            await self.ledger.release(account, hold_id(ref), key=f"rel:{ref}",
+                                      ref=f"call {ref} not answered")
+        except LedgerError as exc:
+            if exc.code != "NO_HOLD" and not isinstance(exc, UnknownAccount):
+                raise
+
+    def _extend(self, action: Extend) -> None:
+        # Safety net should the listener die: Asterisk hangs up one increment after the
+        # paid time; while we are alive the next block is paid (and this moved) first.
+        call = self.tracker.calls.get(action.ref)
+        grace = max(2, call.info.rate.increment) if call and call.info else 2
+        if action.channel:
+            self.commands.send("Setvar", Channel=action.channel, Variable="TIMEOUT(absolute)",
+                               Value=str(action.seconds + grace))
+
+    async def _check_credit(self, action: CheckCredit) -> None:
+        account = await self.ledger.get(action.account)
+        if account.available >= action.amount or not action.channel:
+            return
+        log.info("call %s: credit runs out at block %s; warning the caller", action.ref,
+                 action.n)
+        # A Local channel plays the prompt and whispers it to the caller through ChanSpy.
+        self.commands.send("Originate", Channel=f"Local/s@{self.warning_context}/n",
+                           Application="ChanSpy", Data=f"{action.channel},qwE",
+                           Async="true", Variable=f"PREPAID_WARNING_FILE={WARNING_FILE}")
+
+    async def _settle(self, f: Finish) -> None:
+        rate = f.rate
+        blocks, duration, cutoff = f.blocks, f.duration, f.cutoff
+        n = f.paid + 1
+        while n <= blocks:
+            amount = block_cost(rate, n)
+            try:
+                await self._pay_block(f.account, f.ref, n, amount, force=False)
+            except LedgerError as exc:
+                if exc.code != "NO_CREDIT":
+                    raise
+                # The call did reach this block: take it, but never more than this one.
+                await self._pay_block(f.account, f.ref, n, amount, force=True)
+                blocks, cutoff = n, cutoff or n
+                duration = min(duration, covered_seconds(rate, n))
+            n += 1
+        for extra in range(blocks + 1, f.paid + 1):
+            amount = block_cost(rate, extra)
+            log.debug("call %s: refunding block %s paid for time not reached", f.ref, extra)
+            if amount > 0:
+                await self.ledger.credit(f.account, amount, key=f"rfd:{f.ref}:{extra}",
+                                         ref=f"call {f.ref} block {extra} not reached")
+        if blocks == 0:
+            await self._release(f.ref, f.account)
+        charged = sum(block_cost(rate, i) for i in range(1, blocks + 1))
+        if charged != cost(rate, duration):  # pragma: no cover - guarded by construction
+            log.error("call %s: charged %s but the rate says %s", f.ref, charged,
+                      cost(rate, duration))
+        s = Settlement(f.ref, f.account, f.number, rate.prefix, rate.name,
+                       None if f.answered_us is None else f.answered_us / US,
+                       None if f.ended_us is None else f.ended_us / US, duration,
+                       billed_seconds(rate, duration), charged, blocks, f.cause, f.source,
+                       cutoff)
+        args = [x for kv in s.fields().items() for x in kv]
+        await self._call(self._finish(
+            keys=[record_key(self.prefix, f.ref), calls_key(self.ledger, f.account)],
+            args=[f"{time.time():.3f}", str(HISTORY_MAX), *args]))
+        self.settled = (self.settled + [s])[-100:]
+        self.tracker.finished(f.ref)
+        log.debug("call %s settled: %s s billed %s, cost %s", f.ref, duration, s.billed,
+                  charged)
+
+    # -- Redis health -----------------------------------------------------------------
+    async def _call(self, coro: object) -> object:
+        try:
+            return await coro  # type: ignore[misc]
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable(f"Redis is unavailable: {exc}") from exc
+
+    def _outage(self, exc: Exception) -> None:
+        if not self.down:
+            log.warning("metering paused, Redis unavailable: %s; retrying every tick", exc)
+        self.down = True
+
+    async def _probe(self) -> bool:
+        try:
+            await self.redis.ping()
+        except (RedisError, OSError):
+            return False
+        self.down = False
+        log.info("Redis is back; metering resumed")
+        return True
+
+
+def _info(h: dict[str, str]) -> CallInfo | None:
+    try:
+        record = CallRecord.from_hash(h)
+        answered = h.get("answered_at", "")
+        return CallInfo(record.account, record.number, record.rate, record.hold,
+                        record.channel, timestamp_us(answered) if answered else None,
+                        int(h.get("blocks_paid", "0") or 0))
+    except (KeyError, ValueError, TypeError) as exc:
+        log.debug("unusable call record: %s", exc)
+        return None
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
