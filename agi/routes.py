@@ -27,12 +27,12 @@ from agi.decision import (
     on_failure,
     pick_account,
 )
-from agi.outage import OutageLog
 from agi.protocol import AgiError, AgiHangup, AgiSession
 from agi.speech import balance_speech
 from prepaid.config import Settings
 from prepaid.errors import InputError, LedgerError, RateError, StoreUnavailable, UnknownAccount
 from prepaid.ledger import check_account_id
+from prepaid.outage import OutageLog
 from prepaid.store import Store
 
 log = logging.getLogger(__name__)

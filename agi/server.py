@@ -11,7 +11,6 @@ import asyncio
 import ipaddress
 import logging
 
-from agi.outage import OutageLog
 from agi.protocol import (
     COMMAND_TIMEOUT,
     HEADER_TIMEOUT,
@@ -21,6 +20,7 @@ from agi.protocol import (
     read_header,
 )
 from agi.routes import dispatch, new_outage_log
+from prepaid.outage import OutageLog
 from prepaid.store import Store
 
 log = logging.getLogger(__name__)

@@ -18,8 +18,8 @@ from agi.decision import (
     on_failure,
     pick_account,
 )
-from agi.outage import OutageLog
 from agi.protocol import AgiError, parse_reply, quote
+from agi.routes import new_outage_log
 from agi.speech import balance_speech
 from prepaid.rating import Rate
 
@@ -100,10 +100,9 @@ def test_balance_speech() -> None:
     assert balance_speech(500_000_000, "JPY")[2] == ("file", "prepaid/currency-units")
 
 
-def test_outage_log_logs_once_then_recovery(caplog: pytest.LogCaptureFixture) -> None:
-    logger = logging.getLogger("agi.test")
-    caplog.set_level(logging.DEBUG, logger="agi.test")
-    outage = OutageLog(logger, "Redis")
+def test_agi_outage_log_logs_once_then_recovery(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="agi")
+    outage = new_outage_log()
     outage.success()
     for _ in range(5):
         outage.failure("refused")
