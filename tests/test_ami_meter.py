@@ -1,0 +1,151 @@
+"""Recorded real Asterisk 22 traffic through the meter (the file runner), on a real Redis."""
+
+from __future__ import annotations
+
+import pytest
+
+from agi.callrecord import record_key
+from ami_listener.meter import Meter, calls_key
+from ami_listener.runners import replay
+from ami_listener.tracker import US
+from prepaid.ledger import Ledger
+from prepaid.rating import Rate, block_cost, cost
+from tests.ami_peer import FIXTURES, PER_SECOND, RECORDINGS, authorize, load, open_account
+
+SHARED = FIXTURES / "shared"
+
+START = 10_000_000  # 10.00
+
+
+class Sent:
+    """AMI actions the meter sent, in order."""
+
+    def __init__(self) -> None:
+        self.actions: list[tuple[str, dict[str, str]]] = []
+
+    def send(self, name: str, **headers: str) -> str:
+        self.actions.append((name, headers))
+        return str(len(self.actions))
+
+    def named(self, name: str) -> list[dict[str, str]]:
+        return [h for n, h in self.actions if n == name]
+
+
+@pytest.mark.parametrize("path", RECORDINGS, ids=lambda p: p.parent.name + "/" + p.stem)
+async def test_recording_bills_exactly_the_rate_of_its_duration(ledger: Ledger, path) -> None:
+    rec = load(path)
+    await open_account(ledger, START)
+    await authorize(ledger, rec.ref, rec.channel, rec.number, PER_SECOND)
+    meter = Meter(ledger)
+    await replay(meter, rec.messages)
+
+    account = await ledger.get("alice")
+    answer, hangup = rec.times()
+    if hangup is None:  # the recording stops while the call still rings
+        assert account.balance == START and account.held == block_cost(PER_SECOND, 1)
+        assert rec.ref in meter.tracker.calls
+        return
+    seconds = rec.billed_duration()
+    assert account.balance == START - cost(PER_SECOND, seconds)
+    assert account.held == 0 and await ledger.holds("alice") == {}
+    entries = await ledger.redis.xrange(calls_key(ledger, "alice"))
+    assert len(entries) == 1
+    logged = {k.decode(): v.decode() for k, v in entries[0][1].items()}
+    assert logged["ref"] == rec.ref and logged["number"] == rec.number
+    assert int(logged["cost"]) == cost(PER_SECOND, seconds)
+    assert int(logged["duration"]) == seconds
+    assert logged["rate"] == "per second" and logged["prefix"] == "39"
+    if rec.answered:
+        assert seconds > 0 and logged["answered"] == f"{answer / US:.6f}"
+    else:
+        assert seconds == 0 and logged["answered"] == ""
+    state = await ledger.redis.hget(record_key("prepaid", rec.ref), "state")
+    assert state == b"ended"
+
+
+async def test_answered_caller_hangs_up_to_the_micro_unit(ledger: Ledger) -> None:
+    rec = load(SHARED / "answered-caller-hangs-up.ami")
+    await open_account(ledger, START)
+    await authorize(ledger, rec.ref, rec.channel, rec.number, PER_SECOND)
+    await replay(Meter(ledger), rec.messages)
+    # Answered 02:42:11.157716, caller hung up 4.005205 s later: 5 s billed.
+    # 0.05 connect + 5 x 0.01 = 0.10.
+    assert (await ledger.get("alice")).balance == START - 100_000
+    kinds = [e.kind for e in await ledger.history("alice", 20) if e.ref == f"call {rec.ref}"]
+    assert sorted(kinds) == ["debit"] * 4 + ["reserve", "settle"]  # block 1 settles the hold
+
+
+async def test_replaying_twice_charges_once(ledger: Ledger) -> None:
+    rec = load(SHARED / "answered-callee-hangs-up.ami")
+    await open_account(ledger, START)
+    await authorize(ledger, rec.ref, rec.channel, rec.number, PER_SECOND)
+    await replay(Meter(ledger), rec.messages)
+    after_first = (await ledger.get("alice")).balance
+    await replay(Meter(ledger), rec.messages)  # a second listener, same traffic
+    assert (await ledger.get("alice")).balance == after_first == START - cost(PER_SECOND, 4)
+    assert len(await ledger.redis.xrange(calls_key(ledger, "alice"))) == 1
+
+
+async def test_calls_without_a_record_are_not_billed(ledger: Ledger) -> None:
+    await open_account(ledger, START)
+    meter = Meter(ledger)
+    for path in RECORDINGS:
+        await replay(meter, load(path).messages)
+    assert (await ledger.get("alice")).balance == START
+    assert meter.tracker.calls == {} and meter.errors == 0
+
+
+async def test_cut_off_when_the_next_block_cannot_be_paid(ledger: Ledger) -> None:
+    rec = load(SHARED / "answered-caller-hangs-up.ami")
+    # Enough for block 1 and 2 (0.06 + 0.01); block 3 is due after 2 s.
+    await open_account(ledger, 70_000)
+    await authorize(ledger, rec.ref, rec.channel, rec.number, PER_SECOND)
+    sent = Sent()
+    meter = Meter(ledger, commands=sent)
+    await replay(meter, rec.messages)
+    assert sent.named("Hangup") == [{"Channel": rec.channel, "Cause": "16"}]
+    account = await ledger.get("alice")
+    # The recorded caller stayed up past the cut-off (nobody obeyed the Hangup): it is billed
+    # up to the refused block and no further, so the balance ends one block below zero.
+    assert account.balance == 70_000 - cost(PER_SECOND, 3) == -block_cost(PER_SECOND, 3)
+    assert account.held == 0
+    logged = meter.settled[-1]
+    assert logged.cutoff == 3 and logged.blocks == 3 and logged.cost == cost(PER_SECOND, 3)
+
+
+async def test_top_up_during_the_call_lets_it_go_on(ledger: Ledger) -> None:
+    rec = load(SHARED / "answered-caller-hangs-up.ami")
+    await open_account(ledger, 70_000)
+    await authorize(ledger, rec.ref, rec.channel, rec.number, PER_SECOND)
+    sent = Sent()
+    meter = Meter(ledger, commands=sent)
+    answer_index = next(i for i, m in enumerate(rec.messages)
+                        if m.get("Event") == "BridgeEnter" and m.get("Uniqueid") == rec.ref)
+    await replay(meter, rec.messages[:answer_index + 1])
+    await ledger.credit("alice", 5_000_000, key="topup-1", ref="top-up during the call")
+    await replay(meter, rec.messages[answer_index + 1:])
+    assert sent.named("Hangup") == []
+    assert (await ledger.get("alice")).balance == 5_070_000 - cost(PER_SECOND, 5)
+    # Each paid block moved the channel's hard limit (the safety net) on.
+    limits = sent.named("Setvar")
+    assert len(limits) == 5 and {h["Variable"] for h in limits} == {"TIMEOUT(absolute)"}
+
+
+async def test_warning_when_another_call_spent_the_credit(ledger: Ledger) -> None:
+    rec = load(SHARED / "answered-caller-hangs-up.ami")
+    slow = Rate("39", "per minute", per_minute=600_000, connect_fee=0, initial=2,
+                increment=2)
+    await open_account(ledger, 2 * block_cost(slow, 1))
+    await authorize(ledger, rec.ref, rec.channel, rec.number, slow)
+    sent = Sent()
+    meter = Meter(ledger, commands=sent, warning_seconds=1)
+    answer_index = next(i for i, m in enumerate(rec.messages)
+                        if m.get("Event") == "BridgeEnter" and m.get("Uniqueid") == rec.ref)
+    await replay(meter, rec.messages[:answer_index + 1])
+    await ledger.debit("alice", block_cost(slow, 1), key="other-call", ref="another call")
+    answered = rec.times()[0]
+    assert answered is not None
+    await meter.tick(answered + 1_500_000)  # block 2 starts in 0.5 s and can't be paid
+    originate = sent.named("Originate")
+    assert len(originate) == 1 and originate[0]["Data"] == f"{rec.channel},qwE"
+    assert "credit-expires-in-one-minute" in originate[0]["Variable"]
