@@ -145,7 +145,7 @@ async def test_a_worker_dying_after_the_credit_does_not_credit_again(store: Stor
     async def crash(*args: object) -> int:
         raise Crash()
 
-    dying.redis.xack = crash  # type: ignore[method-assign]
+    dying.redis.xack = crash  # type: ignore[method-assign,assignment]
     await store.ledger.debit("1001", 6 * EUR, key="call-1")
     with pytest.raises(Crash):
         await dying.process_batch()
