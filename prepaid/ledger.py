@@ -259,4 +259,35 @@ _MESSAGES = {
 
 
 def connect(url: str, timeout: float = 2.0) -> aioredis.Redis:
+    """A client for ``redis://``, ``rediss://``, ``unix://`` or ``redis+sentinel://`` URLs.
+
+    Sentinel URLs name the sentinels and the service:
+    ``redis+sentinel://[:password@]host:port[,host:port...]/service[/db]``; the client
+    follows the primary across failovers.
+    """
+    if url.startswith("redis+sentinel://"):
+        return _sentinel_client(url, timeout)
     return aioredis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+
+
+def _sentinel_client(url: str, timeout: float) -> aioredis.Redis:
+    from redis.asyncio.sentinel import Sentinel
+
+    rest = url[len("redis+sentinel://"):]
+    auth, _, rest = rest.rpartition("@")
+    hosts_part, _, path = rest.partition("/")
+    service, _, db = path.partition("/")
+    if not hosts_part or not service:
+        raise InputError(f"sentinel URL {url!r} must be redis+sentinel://host:port/service")
+    hosts: list[tuple[str, int]] = []
+    for item in hosts_part.split(","):
+        host, _, port = item.rpartition(":")
+        if not host or not port.isdigit():
+            raise InputError(f"sentinel address {item!r} must be HOST:PORT")
+        hosts.append((host, int(port)))
+    password = auth.partition(":")[2] or None
+    options = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
+    sentinel = Sentinel(hosts, sentinel_kwargs=options, **options)
+    client: aioredis.Redis = sentinel.master_for(
+        service, password=password, db=int(db or 0), **options)
+    return client

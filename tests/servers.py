@@ -25,7 +25,8 @@ def free_port() -> int:
 class RedisServer:
     """A private redis-server; ``stop``/``start`` let tests simulate an outage."""
 
-    def __init__(self) -> None:
+    def __init__(self, *extra_args: str) -> None:
+        self.extra_args = list(extra_args)
         exe = shutil.which("redis-server")
         if exe is None:
             raise RuntimeError("redis-server is not installed; run 'make test' to install it")
@@ -42,7 +43,7 @@ class RedisServer:
         self.proc = subprocess.Popen(
             [self.exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
              "--appendonly", "no", "--dir", str(self.dir), "--logfile",
-             str(self.dir / "redis.log")],
+             str(self.dir / "redis.log"), *self.extra_args],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
         deadline = time.monotonic() + 10
