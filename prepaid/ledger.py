@@ -287,7 +287,8 @@ def _sentinel_client(url: str, timeout: float) -> aioredis.Redis:
         hosts.append((host, int(port)))
     password = auth.partition(":")[2] or None
     options = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
-    sentinel = Sentinel(hosts, sentinel_kwargs=options, **options)
+    sentinel = Sentinel(hosts, sentinel_kwargs=options, **options)  # type: ignore[no-untyped-call]
     client: aioredis.Redis = sentinel.master_for(
-        service, password=password, db=int(db or 0), **options)
+        service, password=password, db=int(db or 0), socket_timeout=timeout,
+        socket_connect_timeout=timeout)
     return client
