@@ -1,0 +1,54 @@
+"""The shipped Asterisk config: asterisklint finds nothing, and it holds what the AGI expects."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+CONF = Path(__file__).resolve().parent.parent / "asterisk-conf"
+pytest.importorskip("asterisklint", reason="asterisklint belongs in the [test] extras")
+LINT = Path(sys.executable).parent / "asterisklint"
+
+
+def lint(path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(LINT), "dialplan-check", str(path)], capture_output=True,
+                          text=True, timeout=60, check=False)
+
+
+def test_extensions_conf_has_no_lint_findings() -> None:
+    result = lint(CONF / "extensions.conf")
+    assert (result.returncode, result.stdout + result.stderr) == (0, "")
+
+
+def test_lint_does_catch_a_broken_dialplan(tmp_path: Path) -> None:
+    broken = (CONF / "extensions.conf").read_text().replace("?nocredit)", "?nocredit", 1)
+    (tmp_path / "extensions.conf").write_text(broken)
+    result = lint(tmp_path / "extensions.conf")
+    assert result.returncode != 0 and "extensions.conf:" in result.stdout + result.stderr
+
+
+def test_dialplan_uses_the_agi_global_and_the_contract_variables() -> None:
+    text = (CONF / "extensions.conf").read_text()
+    assert re.search(r"^PREPAID_AGI=agi://127\.0\.0\.1:4573$", text, re.M)
+    assert re.search(r"^PREPAID_TRUNK=\S+$", text, re.M)
+    agi_calls = re.findall(r"AGI\(([^)]*)\)", text)
+    assert agi_calls == ["${PREPAID_AGI}/authorize", "${PREPAID_AGI}/balance"]
+    assert "Dial(${PREPAID_TRUNK}/${EXTEN},,L(${PREPAID_DIAL_LIMIT}))" in text
+    assert "[prepaid-outbound]" in text and "exten => *100," in text
+
+
+def test_manager_user_has_least_rights() -> None:
+    text = (CONF / "manager.conf").read_text()
+    user = text.split("[prepaid]", 1)[1]
+    rights = dict(re.findall(r"^(read|write) = (.*)$", user, re.M))
+    assert set(rights["write"].split(",")) == {"call", "reporting"}
+    assert "originate" not in user and "system" not in rights["write"]
+    assert "permit = 127.0.0.1/255.255.255.255" in user
+    assert "deny = 0.0.0.0/0.0.0.0" in user
+    assert "channelvars = PREPAID_ACCOUNT,PREPAID_CALLREF" in text
+    names = re.findall(r"name\((\w+)\)", user)
+    assert {"Newchannel", "Hangup", "DialBegin", "BridgeEnter", "Cdr", "VarSet"} <= set(names)
