@@ -116,6 +116,11 @@ class PaymentsSettings:
 
 
 @dataclass(frozen=True)
+class MetricsSettings:
+    listen: str = ""  # HOST:PORT for Prometheus /metrics; empty: off
+
+
+@dataclass(frozen=True)
 class Settings:
     source: str = "<defaults>"
     redis: RedisSettings = field(default_factory=RedisSettings)
@@ -125,6 +130,7 @@ class Settings:
     smtp: SmtpSettings = field(default_factory=SmtpSettings)
     policy: PolicySettings = field(default_factory=PolicySettings)
     payments: PaymentsSettings = field(default_factory=PaymentsSettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
 
 
 # Keys whose TOML value is an amount in currency units; they are stored in micro-units.
@@ -211,6 +217,9 @@ def _validate(s: Settings, where: str) -> None:
     if s.payments.gateway not in ("sandbox", "stripe"):
         raise ConfigError(f"{where}: [payments] gateway {s.payments.gateway!r} must be "
                           "\"sandbox\" or \"stripe\"")
+    if s.metrics.listen and not re.match(r"^[^:]*:[0-9]{1,5}$|^\[[0-9a-fA-F:]+\]:[0-9]{1,5}$",
+                                         s.metrics.listen):
+        raise ConfigError(f"{where}: [metrics] listen {s.metrics.listen!r} must be HOST:PORT")
     if s.billing.max_call_seconds < 1:
         raise ConfigError(f"{where}: [billing] max_call_seconds must be at least 1")
 
@@ -218,6 +227,7 @@ def _validate(s: Settings, where: str) -> None:
 _SECTIONS: dict[str, type[Any]] = {
     "redis": RedisSettings, "billing": BillingSettings, "ami": AmiSettings, "agi": AgiSettings,
     "smtp": SmtpSettings, "policy": PolicySettings, "payments": PaymentsSettings,
+    "metrics": MetricsSettings,
 }
 
 

@@ -27,6 +27,10 @@ def load_runner(name: str) -> Runner:
 async def run_services(settings: Settings, names: Sequence[str], stop: asyncio.Event) -> None:
     """Run each service until ``stop``; one crashing service stops the others."""
     runners = {name: load_runner(name) for name in names}
+    if settings.metrics.listen:
+        from prepaid.metrics import serve_metrics
+        serve_metrics(settings.metrics.listen)
+        log.info("metrics on http://%s/metrics", settings.metrics.listen)
     store = await open_store(settings, check=False)
     tasks: dict[asyncio.Task[None], str] = {
         asyncio.create_task(runner(store, stop), name=f"prepaid-{name}"): name
