@@ -183,7 +183,8 @@ class Tracker:
             if event == "Hangup":
                 self.negative.pop(uid, None)
             return out
-        call.confirmed = True
+        if event != "Cdr":  # a CDR is posted as the channel goes: no sign it is still up
+            call.confirmed = True
         if event == "DialEnd":
             status = msg.get("DialStatus", "")
             if status == "ANSWER":
