@@ -1,0 +1,58 @@
+"""The shipped dialplan and AMI user in a real Asterisk 22, with the real FastAGI server."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import AsyncIterator
+
+import pytest
+
+from agi.server import AgiServer
+from prepaid.ratedeck import parse_csv
+from prepaid.store import Store, open_store
+from tests.pbx import Pbx, pbx_unavailable_reason, start_pbx
+from tests.test_agi_fastagi import DECK, make_settings
+
+pytestmark = pytest.mark.pbx
+
+
+@pytest.fixture
+async def served(redis_url: str) -> AsyncIterator[tuple[Store, AgiServer]]:
+    reason = pbx_unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    settings = make_settings(redis_url)
+    settings = dataclasses.replace(settings, agi=dataclasses.replace(settings.agi, timeout=3.0))
+    store = await open_store(settings)
+    server = AgiServer(store, host="127.0.0.1", port=0)
+    await server.start()
+    await store.rates.replace(parse_csv(DECK))
+    yield store, server
+    await server.close()
+    await store.close()
+
+
+def sipp_call(pbx: Pbx, number: str, caller: str) -> None:
+    res = pbx.sipp(["-sn", "uac", "-s", number, "-m", "1", "-d", "500", "-i", "127.0.0.1",
+                    "-p", str(pbx.sipp_port), "-timeout", "20s",
+                    "-timeout_error", f"127.0.0.1:{pbx.sip_port}"], 40)
+    assert res.returncode == 0, res.stdout[-1500:] + res.stderr[-1500:] + pbx.log_tail()
+
+
+async def test_allowed_call_is_authorized_and_dialed_with_the_limit(
+        served: tuple[Store, AgiServer]) -> None:
+    store, server = served
+    with start_pbx(agi_port=server.port) as pbx:
+        assert "prepaid" in pbx.cli("manager show users")
+        assert "L(${PREPAID_DIAL_LIMIT})" in pbx.cli("dialplan show prepaid-outbound")
+        # SIPp's uac calls from user 'sipp': that caller ID is the account.
+        await store.ledger.create_account("sipp", currency="EUR")
+        await store.ledger.credit("sipp", 1_000_000, key="seed")
+        # 0044...: the test bed's far end answers and hangs up after a few seconds.
+        await asyncio.to_thread(sipp_call, pbx, "00447700900123", "sipp")
+        assert server.served == 1
+        [(hold, amount)] = (await store.ledger.holds("sipp")).items()
+        assert hold.startswith("call:") and amount == 6_000  # UK: 30 s at 0.012/min
+        # 1 EUR: 30 s for 0.006, then 828 blocks of 6 s for 0.0012: 4998 s.
+        assert "L(4998000:60000)" in pbx.log_path.read_text(errors="replace")
