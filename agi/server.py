@@ -12,8 +12,6 @@ import ipaddress
 import logging
 
 from agi.protocol import (
-    COMMAND_TIMEOUT,
-    HEADER_TIMEOUT,
     MAX_LINE,
     AgiHeaderError,
     AgiSession,
@@ -25,23 +23,21 @@ from prepaid.store import Store
 
 log = logging.getLogger(__name__)
 
-MAX_CONNECTIONS = 1000
-
 
 class AgiServer:
     """Listens on ``[agi] listen``; ``port=0`` picks a free port (see :attr:`port`)."""
 
     def __init__(self, store: Store, *, host: str | None = None, port: int | None = None,
-                 header_timeout: float = HEADER_TIMEOUT,
-                 command_timeout: float = COMMAND_TIMEOUT,
-                 max_connections: int = MAX_CONNECTIONS) -> None:
+                 header_timeout: float | None = None,
+                 command_timeout: float | None = None,
+                 max_connections: int | None = None) -> None:
         agi = store.settings.agi
         self.store = store
         self.host = agi.host if host is None else host
         self.requested_port = agi.port if port is None else port
-        self.header_timeout = header_timeout
-        self.command_timeout = command_timeout
-        self.max_connections = max_connections
+        self.header_timeout = agi.header_timeout if header_timeout is None else header_timeout
+        self.command_timeout = agi.command_timeout if command_timeout is None else command_timeout
+        self.max_connections = agi.max_connections if max_connections is None else max_connections
         self.allow = tuple(ipaddress.ip_network(a, strict=False) for a in agi.allow)
         self.outage: OutageLog = new_outage_log()
         self._server: asyncio.Server | None = None

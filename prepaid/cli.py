@@ -361,7 +361,7 @@ def serve(obj: Context, only: tuple[str, ...], log_level: str) -> None:
 def _add_optional_commands() -> None:
     """Commands that live beside the services they belong to."""
     extra = [("policy.commands", "policy_cmd"), ("policy.commands", "card_group"),
-             ("ami_listener.commands", "calls_cmd"), ("agi.commands", "sounds_group")]
+             ("ami_listener.commands", "calls_cmd"), ("agi.commands", "sounds")]
     for module, name in extra:
         try:
             mod = __import__(module, fromlist=[name])

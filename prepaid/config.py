@@ -72,7 +72,10 @@ class AgiSettings:
     hangup_on_deny: bool = True
     timeout: float = 3.0
     warning_ms: int = 60_000
-    allow: tuple[str, ...] = ()
+    allow: tuple[str, ...] = ()  # client networks allowed to connect; empty: any
+    header_timeout: float = 5.0
+    command_timeout: float = 30.0
+    max_connections: int = 1000
 
     @property
     def host(self) -> str:

@@ -105,6 +105,7 @@ def test_bad_rate_deck_imports_nothing(run: Run, tmp_path: Path) -> None:
 def test_unreachable_redis_names_the_url(tmp_path: Path) -> None:
     conf = tmp_path / "p.toml"
     conf.write_text('[redis]\nurl = "redis://:secret@127.0.0.1:1/0"\n')
+    conf.chmod(0o600)
     r = CliRunner().invoke(main, ["--config", str(conf), "balance", "1001"])
     assert r.exit_code == 1
     assert "cannot reach Redis at redis://:***@127.0.0.1:1/0" in r.output
