@@ -411,7 +411,10 @@ async def test_two_concurrent_calls_share_one_balance(system: System) -> None:
     rate = rate_for(number)
     acct = await system.store.ledger.get("1005")
     assert acct.held == 0
-    assert acct.balance >= 0, "the two calls together overdrew the account"
+    history = await system.history("1005")
+    assert acct.balance >= 0, "the two calls together overdrew the account:\n" + "\n".join(
+        f"{e.kind} {e.amount} -> {e.balance} held {e.held} {e.ref}" for e in reversed(history)
+    ) + "\n" + "\n".join(system.timeline(c.ref) for c in calls)
     together = sum(c.talk_seconds for c in calls)
     assert together <= 6 + 2 * rate.increment, [c.talk_seconds for c in calls]
     charged = [await system.check_billed(c, rate) for c in calls]
