@@ -130,7 +130,7 @@ class Meter:
     async def tick(self, now_us: int) -> None:
         async with self._lock:
             if self.down and not await self._probe():
-                self.tracker.tick(now_us)  # keep the clock; act once Redis is back
+                self.tracker.now = max(self.tracker.now, now_us)  # act once Redis is back
                 return
             await self._run(self.tracker.tick(now_us))
 

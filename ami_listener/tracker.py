@@ -153,6 +153,7 @@ class Tracker:
     done: OrderedDict[str, None] = field(default_factory=OrderedDict)
     listing: bool = False
     oddities: int = 0
+    wake: int = 0  # nothing falls due before this time (us): ticks before it are cheap
 
     # -- input: events ----------------------------------------------------------------
     def feed(self, msg: Mapping[str, str]) -> list[Action]:
@@ -235,6 +236,9 @@ class Tracker:
         """The clock moved on to ``now`` (microseconds); never goes back."""
         if now > self.now:
             self.now = now
+        if self.now < self.wake:
+            return []
+        self.wake = 1 << 62
         out: list[Action] = []
         for call in list(self.calls.values()):
             out += self._advance(call)
@@ -289,11 +293,13 @@ class Tracker:
         call = self.calls.get(ref)
         if call is not None:
             call.busy = False
+            self.wake = 0
 
     def lookup_failed(self, ref: str) -> None:
         call = self.calls.get(ref)
         if call is not None:
             call.busy = False
+            self.wake = 0
 
     def finished(self, ref: str) -> None:
         self.calls.pop(ref, None)
@@ -368,11 +374,16 @@ class Tracker:
             call.busy = True
             out.append(PayBlock(call.ref, info.account, n, block_cost(info.rate, n),
                                 call.answered_us))
-        elif (self.warning_seconds > 0 and call.warned < n
-              and self.now >= due - self.warning_seconds * US):
-            call.warned = n
-            out.append(CheckCredit(call.ref, info.account, call.channel, n,
-                                   block_cost(info.rate, n)))
+        else:
+            self.wake = min(self.wake, due + 1)
+            warn_at = due - self.warning_seconds * US
+            if self.warning_seconds > 0 and call.warned < n:
+                if self.now >= warn_at:
+                    call.warned = n
+                    out.append(CheckCredit(call.ref, info.account, call.channel, n,
+                                           block_cost(info.rate, n)))
+                else:
+                    self.wake = min(self.wake, warn_at)
         return out
 
     def _finish(self, call: Call, info: CallInfo) -> Finish:
