@@ -3,9 +3,11 @@
 At least once, never twice: events are read with the consumer group ``policy``
 (XREADGROUP), a dead worker's pending events are claimed by another (XAUTOCLAIM after
 ``claim_idle_ms``), and an event is acknowledged only after its action completed or was
-given up for good.  Doing an action again is harmless: the gateway charge and the ledger
-credit share the idempotency key ``autotopup:<crossing>``, a decline is counted once per
-event, and each e-mail has its own id in the mail queue.
+given up for good.  Doing an action again is harmless: the ledger credit has the
+idempotency key ``autotopup:<crossing>`` (the ledger's keys are per account) and the
+gateway charge ``autotopup:<account>:<crossing>`` (the provider's keys are global and two
+accounts' history ids can be equal), a decline is counted once per event, and each e-mail
+has its own id ``<kind>:<account>:<crossing>`` in the mail queue.
 
 Redis keys (``P`` = key prefix, all per-account keys in the account's hash tag):
 ``P:outbox`` (stream, group ``policy``), ``P:{acct:ID}:topup-lock`` (one top-up in flight),
@@ -196,10 +198,10 @@ class PolicyWorker:
         if decision.kind == "ignore":
             return True
         if decision.kind == "warn":
-            await self._mail(acct, "low_balance", f"low:{ev.crossing}", mail_context(acct))
+            await self._mail(acct, "low_balance", mail_id("low", ev), mail_context(acct))
             return True
         if decision.kind == "refuse":
-            await self._mail(acct, "topup_failed", f"fail:{ev.crossing}", mail_context(
+            await self._mail(acct, "topup_failed", mail_id("fail", ev), mail_context(
                 acct, reason=decision.reason, reference=f"autotopup:{ev.crossing}",
                 advice=_advice(decision.reason)))
             return True
@@ -230,10 +232,10 @@ class PolicyWorker:
             pipe.hset(day, ev.crossing, amount)
             pipe.expire(day, DAY_TTL)
             await pipe.execute()
-        key = f"autotopup:{ev.crossing}"
+        key = f"autotopup:{ev.crossing}"  # the ledger's idempotency keys are per account
         try:
             result = await self.gateway.charge(acct.id, acct.card_token, amount, acct.currency,
-                                               key)
+                                               gateway_key(ev))
         except (PaymentError, InputError) as exc:
             attempts = await self.redis.hincrby(record, "attempts", 1)
             permanent = isinstance(exc, InputError)
@@ -244,7 +246,7 @@ class PolicyWorker:
             log.error("top-up %s for account %s given up: %s", key, acct.id, exc)
             await self.redis.hset(record, "state", "failed")
             await self.redis.hdel(day, ev.crossing)
-            await self._mail(acct, "topup_failed", f"fail:{ev.crossing}", mail_context(
+            await self._mail(acct, "topup_failed", mail_id("fail", ev), mail_context(
                 acct, amount=format_amount(amount, acct.currency), reference=key,
                 reason="the payment provider could not be reached" if not permanent else str(exc),
                 advice="please top up manually; if your card statement shows this payment, "
@@ -263,7 +265,7 @@ class PolicyWorker:
         log.info("account %s topped up by %s (charge %s), balance %s", acct.id,
                  format_amount(amount, acct.currency), result.charge_id,
                  format_amount(change.balance, acct.currency))
-        await self._mail(acct, "topup_receipt", f"receipt:{ev.crossing}", mail_context(
+        await self._mail(acct, "topup_receipt", mail_id("receipt", ev), mail_context(
             acct, amount=format_amount(amount, acct.currency),
             balance=format_amount(change.balance, acct.currency),
             reference=result.charge_id or key))
@@ -295,7 +297,7 @@ class PolicyWorker:
         note = ("After repeated declines, automatic top-ups are switched off: we will only "
                 "e-mail you when your balance is low until you store a working card and "
                 "switch automatic top-ups on again.") if switched else ""
-        await self._mail(after, "topup_failed", f"fail:{ev.crossing}", mail_context(
+        await self._mail(after, "topup_failed", mail_id("fail", ev), mail_context(
             after, amount=format_amount(amount, acct.currency), reference=key,
             reason=result.reason or f"the card was {result.status}", advice=advice,
             switched=note))
@@ -307,6 +309,16 @@ class PolicyWorker:
             return
         msg = compose(self.templates, self.settings.smtp.sender, acct.email, kind, ctx, mail_id)
         await self.mail.enqueue(mail_id, msg)
+
+
+def mail_id(kind: str, ev: Event) -> str:
+    return f"{kind}:{ev.account}:{ev.crossing}"
+
+
+def gateway_key(ev: Event) -> str:
+    """The payment provider's idempotency key: unique across accounts, since a crossing id
+    is an entry id of the account's own history and two accounts can share one."""
+    return f"autotopup:{ev.account}:{ev.crossing}"
 
 
 def _advice(reason: str) -> str:

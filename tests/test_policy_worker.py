@@ -97,6 +97,24 @@ async def test_automatic_top_up_credits_and_sends_a_receipt(store: Store, smtp: 
     assert "visa ending 4242" in body(msg, "html")
 
 
+async def test_accounts_sharing_a_crossing_id_are_each_topped_up(store: Store,
+                                                                 smtp: Smtp) -> None:
+    # A crossing id is an entry id of the account's own history: two accounts debited in the
+    # same millisecond share it.  Their charges and e-mails must not be taken for one another.
+    for acct in ("a1", "a2"):
+        await new_account(store, acct, balance=4 * EUR)  # below 5 already: no event yet
+        await store.redis.xadd(store.ledger.outbox_key, {
+            "account": acct, "crossing": "1700000000000-0", "action": "topup",
+            "balance": str(4 * EUR), "threshold": str(5 * EUR), "topup_amount": str(20 * EUR)})
+    assert await worker(store).process_batch() == 2
+    sandbox = SandboxGateway(store.redis, store.ledger.prefix)
+    for acct in ("a1", "a2"):
+        assert (await store.ledger.get(acct)).balance == 24 * EUR
+        assert list(await sandbox.charges(acct)) == [f"autotopup:{acct}:1700000000000-0"]
+    assert await mailer(store).process_batch() == 2
+    assert sorted(str(m["To"]) for m in smtp.messages) == ["ann@example.org"] * 2
+
+
 async def test_two_workers_racing_credit_exactly_once(store: Store, smtp: Smtp) -> None:
     await new_account(store)
     gated = GatedGateway(SandboxGateway(store.redis, store.ledger.prefix))
