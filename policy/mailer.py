@@ -11,6 +11,7 @@ backoff while the server is down.
 from __future__ import annotations
 
 import asyncio
+import functools
 import html
 import logging
 import re
@@ -83,6 +84,12 @@ class Templates:
         return subject, body.lstrip("\n"), page
 
 
+@functools.cache
+def _host() -> str:
+    """The domain of Message-IDs; looked up once (getfqdn may ask DNS)."""
+    return socket.getfqdn()
+
+
 def compose(templates: Templates, sender: str, to: str, kind: str,
             context: Mapping[str, str], mail_id: str) -> EmailMessage:
     """Render ``kind``; if an admin's override is broken, log it and use the built-in one."""
@@ -95,7 +102,7 @@ def compose(templates: Templates, sender: str, to: str, kind: str,
     msg["From"] = sender
     msg["To"] = to
     msg["Subject"] = subject
-    msg["Message-ID"] = f"<{re.sub(r'[^A-Za-z0-9.-]', '.', mail_id)}@{socket.getfqdn()}>"
+    msg["Message-ID"] = f"<{re.sub(r'[^A-Za-z0-9.-]', '.', mail_id)}@{_host()}>"
     msg["Date"] = time.strftime("%a, %d %b %Y %H:%M:%S +0000", time.gmtime())
     msg.set_content(text)
     msg.add_alternative(page, subtype="html")
