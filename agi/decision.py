@@ -42,6 +42,7 @@ class Policy:
     warning_ms: int = 60_000
     hangup_on_deny: bool = True
     fail_open: bool = False
+    ring_seconds: int = 60
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,10 +55,19 @@ class Decision:
     prompt: str = ""  # played (after ANSWER) before HANGUP when denied, if hanging up
     hangup: bool = False
     low_balance: bool = False
+    ring_seconds: int = 0
 
     @property
     def allowed(self) -> bool:
         return self.status is Status.ALLOWED
+
+    @property
+    def timeout(self) -> int:
+        """TIMEOUT(absolute) for the caller before Dial: ringing plus the paid time.
+
+        The metering listener resets it at answer and after every paid block, so a
+        top-up during the call extends it (Dial's L() limit could not be extended)."""
+        return self.max_seconds + self.ring_seconds if self.allowed else 0
 
 
 def dial_limit(max_seconds: int, warning_ms: int) -> str:
@@ -78,7 +88,8 @@ def on_failure(policy: Policy) -> Decision:
     if policy.fail_open:
         seconds = policy.max_call_seconds
         return Decision(Status.ALLOWED, Reason.FAIL_OPEN, seconds,
-                        dial_limit(seconds, policy.warning_ms))
+                        dial_limit(seconds, policy.warning_ms),
+                        ring_seconds=policy.ring_seconds)
     return deny(Reason.INTERNAL, policy)
 
 
@@ -91,7 +102,8 @@ def decide(*, status: str, balance: int, threshold: int, rate: Rate, available: 
         return deny(Reason.NO_CREDIT, policy)
     seconds = max_call_seconds(rate, available, policy.max_call_seconds)
     return Decision(Status.ALLOWED, Reason.NONE, seconds, dial_limit(seconds, policy.warning_ms),
-                    hold=block_cost(rate, 1), low_balance=0 < threshold and balance < threshold)
+                    hold=block_cost(rate, 1), low_balance=0 < threshold and balance < threshold,
+                    ring_seconds=policy.ring_seconds)
 
 
 def pick_account(sources: tuple[str, ...], env: Mapping[str, str],

@@ -41,7 +41,8 @@ log = logging.getLogger(__name__)
 def policy_of(settings: Settings) -> Policy:
     return Policy(max_call_seconds=settings.billing.max_call_seconds,
                   warning_ms=settings.agi.warning_ms,
-                  hangup_on_deny=settings.agi.hangup_on_deny, fail_open=settings.agi.fail_open)
+                  hangup_on_deny=settings.agi.hangup_on_deny, fail_open=settings.agi.fail_open,
+                  ring_seconds=settings.agi.ring_seconds)
 
 
 def new_outage_log() -> OutageLog:
@@ -136,6 +137,8 @@ async def _set_variables(session: AgiSession, decision: Decision, account: str,
     if decision.allowed:
         await session.set_variable("LIMIT_WARNING_FILE", WARNING_FILE)
         await session.set_variable("PREPAID_LOW_BALANCE", "1" if decision.low_balance else "0")
+        await session.set_variable("PREPAID_RING_SECONDS", str(decision.ring_seconds))
+        await session.set_variable("PREPAID_TIMEOUT", str(decision.timeout))
 
 
 async def authorize(session: AgiSession, store: Store, outage: OutageLog) -> Decision:

@@ -74,6 +74,7 @@ class AgiSettings:
     warning_ms: int = 60_000
     allow: tuple[str, ...] = ()  # client networks allowed to connect; empty: any
     header_timeout: float = 5.0
+    ring_seconds: int = 60  # Dial's ring timeout; part of the call's first TIMEOUT(absolute)
     command_timeout: float = 30.0
     max_connections: int = 1000
 

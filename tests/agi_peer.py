@@ -120,7 +120,9 @@ def variable_commands(status: str, reason: str, account: str, ref: str, max_seco
            f'SET VARIABLE PREPAID_DIAL_LIMIT "{dial_limit}"']
     if status == "ALLOWED":
         out += ['SET VARIABLE LIMIT_WARNING_FILE "prepaid/credit-expires-in-one-minute"',
-                f'SET VARIABLE PREPAID_LOW_BALANCE "{low_balance or "0"}"']
+                f'SET VARIABLE PREPAID_LOW_BALANCE "{low_balance or "0"}"',
+                'SET VARIABLE PREPAID_RING_SECONDS "60"',
+                f'SET VARIABLE PREPAID_TIMEOUT "{int(max_seconds) + 60}"']
     return out
 
 

@@ -37,7 +37,8 @@ def test_dialplan_uses_the_agi_global_and_the_contract_variables() -> None:
     assert re.search(r"^PREPAID_TRUNK=\S+$", text, re.M)
     agi_calls = re.findall(r"AGI\(([^)]*)\)", text)
     assert agi_calls == ["${PREPAID_AGI}/authorize", "${PREPAID_AGI}/balance"]
-    assert "Dial(${PREPAID_TRUNK}/${EXTEN},,L(${PREPAID_DIAL_LIMIT}))" in text
+    assert "Set(TIMEOUT(absolute)=${PREPAID_TIMEOUT})" in text
+    assert "Dial(${PREPAID_TRUNK}/${EXTEN},${PREPAID_RING_SECONDS})" in text
     assert "[prepaid-outbound]" in text and "exten => *100," in text
 
 
@@ -45,8 +46,8 @@ def test_manager_user_has_least_rights() -> None:
     text = (CONF / "manager.conf").read_text()
     user = text.split("[prepaid]", 1)[1]
     rights = dict(re.findall(r"^(read|write) = (.*)$", user, re.M))
-    assert set(rights["write"].split(",")) == {"call", "reporting"}
-    assert "originate" not in user and "system" not in rights["write"]
+    assert set(rights["write"].split(",")) == {"call", "originate", "reporting"}
+    assert "system" not in rights["write"] and "config" not in rights["write"]
     assert "permit = 127.0.0.1/255.255.255.255" in user
     assert "deny = 0.0.0.0/0.0.0.0" in user
     assert "channelvars = PREPAID_ACCOUNT,PREPAID_CALLREF" in text

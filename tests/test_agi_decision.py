@@ -30,7 +30,9 @@ POLICY = Policy()
 def test_enough_credit_allows_whole_increments() -> None:
     d = decide(status="active", balance=1_000_000, threshold=0, rate=GERMANY,
                available=1_000_000, policy=POLICY)
-    assert d == Decision(Status.ALLOWED, Reason.NONE, 900, "900000:60000", hold=160_000)
+    assert d == Decision(Status.ALLOWED, Reason.NONE, 900, "900000:60000", hold=160_000,
+                         ring_seconds=60)
+    assert d.timeout == 960  # TIMEOUT(absolute) before Dial: 60 s ringing + 900 s paid
 
 
 def test_one_micro_unit_short_of_the_first_block_is_no_credit() -> None:

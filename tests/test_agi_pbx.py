@@ -45,7 +45,8 @@ async def test_allowed_call_is_authorized_and_dialed_with_the_limit(
     store, server = served
     with start_pbx(agi_port=server.port) as pbx:
         assert "prepaid" in pbx.cli("manager show users")
-        assert "L(${PREPAID_DIAL_LIMIT})" in pbx.cli("dialplan show prepaid-outbound")
+        assert "TIMEOUT(absolute)=${PREPAID_TIMEOUT}" in pbx.cli(
+            "dialplan show prepaid-outbound")
         # SIPp's uac calls from user 'sipp': that caller ID is the account.
         await store.ledger.create_account("sipp", currency="EUR")
         await store.ledger.credit("sipp", 1_000_000, key="seed")
@@ -54,5 +55,7 @@ async def test_allowed_call_is_authorized_and_dialed_with_the_limit(
         assert server.served == 1
         [(hold, amount)] = (await store.ledger.holds("sipp")).items()
         assert hold.startswith("call:") and amount == 6_000  # UK: 30 s at 0.012/min
-        # 1 EUR: 30 s for 0.006, then 828 blocks of 6 s for 0.0012: 4998 s.
-        assert "L(4998000:60000)" in pbx.log_path.read_text(errors="replace")
+        # 1 EUR: 30 s for 0.006, then 828 blocks of 6 s for 0.0012: 4998 s, plus 60 s ringing.
+        log = pbx.log_path.read_text(errors="replace")
+        assert "TIMEOUT(absolute)=5058" in log
+        assert "Dial(\"" in log and "Local/00447700900123,60" in log
