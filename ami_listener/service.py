@@ -14,7 +14,8 @@ log = logging.getLogger(__name__)
 
 def make_meter(store: Store) -> Meter:
     return Meter(store.ledger, prefix=store.settings.redis.key_prefix,
-                 warning_seconds=store.settings.ami.warning_seconds)
+                 warning_seconds=store.settings.ami.warning_seconds,
+                 warning_context=store.settings.ami.warning_context)
 
 
 async def run(store: Store, stop: asyncio.Event) -> None:

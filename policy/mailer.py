@@ -30,9 +30,9 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
 from policy.decide import retry_delay
-from policy.outage import Outage
 from prepaid.config import SmtpSettings
 from prepaid.errors import ConfigError
+from prepaid.outage import OutageLog
 
 log = logging.getLogger(__name__)
 
@@ -167,8 +167,8 @@ class MailWorker:
         self.consumer = consumer or f"{socket.gethostname()}-{id(self):x}"
         self.claim_idle_ms = claim_idle_ms
         self.batch = batch
-        self.smtp_outage = Outage(f"SMTP server {smtp.host}:{smtp.port}", log)
-        self.redis_outage = Outage("Redis (mail queue)", log)
+        self.smtp_outage = OutageLog(log, f"SMTP server {smtp.host}:{smtp.port}")
+        self.redis_outage = OutageLog(log, "Redis (mail queue)")
         self._group_ready = False
         self._cursor = "0-0"
 
@@ -209,9 +209,9 @@ class MailWorker:
             await self.ensure_group()
             rows = await self._fetch(block_ms)
         except (RedisError, OSError) as exc:
-            self.redis_outage.failed(exc)
+            self.redis_outage.failure(exc)
             return 0
-        self.redis_outage.ok()
+        self.redis_outage.success()
         if not rows:
             return 0
         done = 0
@@ -220,12 +220,12 @@ class MailWorker:
                 for entry_id, fields in rows:
                     done += await self._one(smtp, entry_id, fields)
         except RedisError as exc:
-            self.redis_outage.failed(exc)
+            self.redis_outage.failure(exc)
             return done
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
-            self.smtp_outage.failed(exc)
+            self.smtp_outage.failure(exc)
             return done
-        self.smtp_outage.ok()
+        self.smtp_outage.success()
         return done
 
     async def _one(self, smtp: aiosmtplib.SMTP, entry_id: str, fields: dict[bytes, bytes]) -> int:

@@ -41,11 +41,11 @@ from policy.decide import (
 )
 from policy.gateway import ChargeResult, Gateway, PaymentError, make_gateway
 from policy.mailer import MailQueue, MailWorker, Templates, compose
-from policy.outage import Outage
 from prepaid.config import Settings
 from prepaid.errors import InputError, StoreUnavailable, UnknownAccount
 from prepaid.ledger import Account, Ledger
 from prepaid.money import format_amount
+from prepaid.outage import OutageLog
 from prepaid.store import Store
 
 log = logging.getLogger(__name__)
@@ -92,7 +92,7 @@ class PolicyWorker:
         self.max_attempts = max_attempts
         self.batch = batch
         self.now = now
-        self.redis_outage = Outage("Redis (policy outbox)", log)
+        self.redis_outage = OutageLog(log, "Redis (policy outbox)")
         self._unlock = client.register_script(_UNLOCK_LUA)
         self._group_ready = False
         self._cursor = "0-0"
@@ -150,9 +150,9 @@ class PolicyWorker:
                     await self.redis.xack(self.ledger.outbox_key, GROUP, entry_id)
                     acked += 1
         except (RedisError, OSError, StoreUnavailable) as exc:
-            self.redis_outage.failed(exc)
+            self.redis_outage.failure(exc)
             return 0
-        self.redis_outage.ok()
+        self.redis_outage.success()
         return acked
 
     async def run(self, stop: asyncio.Event, block_ms: int = 500) -> None:
@@ -333,12 +333,15 @@ def _s(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-async def run(store: Store, stop: asyncio.Event, *, claim_idle_ms: int = 60_000) -> None:
+async def run(store: Store, stop: asyncio.Event) -> None:
     """Run one policy worker and one mail worker until ``stop`` is set (``prepaid serve``)."""
     settings = store.settings
+    claim_idle_ms = int(settings.policy.claim_idle_seconds * 1000)
     gateway = make_gateway(settings, store.redis)
     worker = PolicyWorker(store.redis, store.ledger, settings, gateway,
-                          claim_idle_ms=claim_idle_ms)
+                          claim_idle_ms=claim_idle_ms,
+                          lock_seconds=settings.policy.topup_lock_seconds,
+                          max_attempts=settings.policy.gateway_max_attempts)
     mailer = MailWorker(store.redis, settings.smtp, prefix=settings.redis.key_prefix,
                         claim_idle_ms=claim_idle_ms)
     block_ms = max(50, min(500, int(settings.redis.timeout * 1000 / 2)))

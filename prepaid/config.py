@@ -62,6 +62,7 @@ class AmiSettings:
     secret: str = ""
     reconnect_max_seconds: float = 30.0
     warning_seconds: int = 60
+    warning_context: str = "prepaid-warning"
 
 
 @dataclass(frozen=True)
@@ -110,6 +111,9 @@ class PolicySettings:
     daily_topup_amount: int = 200_000_000
     max_declines: int = 3
     decline_backoff_seconds: int = 3600
+    claim_idle_seconds: float = 60.0  # an event unacknowledged this long goes to another worker
+    topup_lock_seconds: int = 120
+    gateway_max_attempts: int = 5
 
 
 @dataclass(frozen=True)

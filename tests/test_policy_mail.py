@@ -43,7 +43,7 @@ async def test_smtp_down_then_up_delivers_exactly_once(
             late.start()
             assert await m.process_batch() == 1
             assert await m.process_batch() == 0
-            assert caplog.text.count("available again") == 1
+            assert caplog.text.count("recovered") == 1
         [msg] = late.messages
         assert msg["Subject"] == "Top-up of EUR 15.00 received"
         assert "New balance: EUR 25.00" in body(msg)

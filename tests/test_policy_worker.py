@@ -323,7 +323,7 @@ async def test_running_worker_tops_up_mid_call_at_once(store: Store, smtp: Smtp)
 
     await new_account(store)
     stop = asyncio.Event()
-    task = asyncio.create_task(run(store, stop, claim_idle_ms=1000))
+    task = asyncio.create_task(run(store, stop))
     try:
         await store.ledger.reserve("1001", "call:abc", 1 * EUR, key="auth:abc")
         await store.ledger.settle("1001", "call:abc", 1 * EUR, key="blk:abc:1")
