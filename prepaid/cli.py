@@ -215,7 +215,7 @@ def account_resume(obj: Context, account_id: str) -> None:
 @pass_ctx
 def topup(obj: Context, account_id: str, amount: str, reference: str | None, override: bool,
           as_json: bool) -> None:
-    """Add AMOUNT (in currency units, e.g. 10.00) to ACCOUNT_ID."""
+    """Credit AMOUNT, in currency units like 10.00, to ACCOUNT_ID."""
     check_account_id(account_id)
     micros = _amount(obj.settings, amount)
     ref = reference or f"manual-{uuid.uuid4().hex[:12]}"
