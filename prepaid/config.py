@@ -114,6 +114,7 @@ class PolicySettings:
     claim_idle_seconds: float = 60.0  # an event unacknowledged this long goes to another worker
     topup_lock_seconds: int = 120
     gateway_max_attempts: int = 5
+    sweep_seconds: float = 30.0  # how often lost crossing events are looked for
 
 
 @dataclass(frozen=True)
@@ -210,9 +211,9 @@ def _validate(s: Settings, where: str) -> None:
         check_currency(s.billing.currency)
     except InputError as exc:
         raise ConfigError(f"{where}: [billing] currency: {exc}") from None
-    if not re.match(r"^(rediss?|unix|redis\+sentinel)://", s.redis.url):
+    if not re.match(r"^(rediss?|unix|redis\+sentinel|redis\+cluster)://", s.redis.url):
         raise ConfigError(f"{where}: [redis] url {s.redis.safe_url!r} must start with "
-                          "redis://, rediss:// or unix://")
+                          "redis://, rediss://, unix://, redis+sentinel:// or redis+cluster://")
     if not re.match(r"^[^:]+:[0-9]{1,5}$|^\[[0-9a-fA-F:]+\]:[0-9]{1,5}$", s.agi.listen):
         raise ConfigError(f"{where}: [agi] listen {s.agi.listen!r} must be HOST:PORT")
     bad = [x for x in s.agi.account_sources if x not in ACCOUNT_SOURCES]
