@@ -29,6 +29,7 @@ from agi.decision import (
 )
 from agi.protocol import AgiError, AgiHangup, AgiSession
 from agi.speech import balance_speech
+from prepaid import metrics
 from prepaid.config import Settings
 from prepaid.errors import InputError, LedgerError, RateError, StoreUnavailable, UnknownAccount
 from prepaid.ledger import check_account_id
@@ -176,9 +177,11 @@ async def authorize(session: AgiSession, store: Store, outage: OutageLog) -> Dec
             if progress.reserving or progress.reserved:
                 await _release(store, progress, ref, "authorization failed")
             decision = on_failure(policy)
+    elapsed = time.monotonic() - started
+    metrics.AUTHORIZATIONS.labels(decision.status.value, decision.reason.value).inc()
+    metrics.AUTHORIZATION_SECONDS.observe(elapsed)
     log.info("call %s account %r to %r: %s %s max %ss (%.0f ms)", ref, account_id, number,
-             decision.status.value, decision.reason.value, decision.max_seconds,
-             (time.monotonic() - started) * 1000)
+             decision.status.value, decision.reason.value, decision.max_seconds, elapsed * 1000)
     try:
         await _set_variables(session, decision, account_id, ref)
         if not decision.allowed and decision.hangup:

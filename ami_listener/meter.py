@@ -38,6 +38,7 @@ from ami_listener.tracker import (
     ReleaseHold,
     Tracker,
 )
+from prepaid import metrics
 from prepaid.errors import LedgerError, StoreUnavailable, UnknownAccount
 from prepaid.ledger import Ledger
 from prepaid.rating import billed_seconds, block_cost, cost, covered_seconds
@@ -133,6 +134,7 @@ class Meter:
                 self.tracker.now = max(self.tracker.now, now_us)  # act once Redis is back
                 return
             await self._run(self.tracker.tick(now_us))
+            metrics.LIVE_CALLS.set(sum(1 for c in self.tracker.calls.values() if c.info))
 
     async def recover(self) -> int:
         """After a (re)start or reconnect: resume every call Redis still holds as live.
@@ -207,6 +209,7 @@ class Meter:
             self._extend(action)
             return []
         if isinstance(action, Cutoff):
+            metrics.CUTOFFS.inc()
             log.info("call %s cut off: block %s cannot be paid", action.ref, action.n)
             if action.channel:
                 self.commands.send("Hangup", Channel=action.channel, Cause="16")
@@ -260,6 +263,8 @@ class Meter:
                                      force=force)
         else:
             await self.ledger.debit(account, amount, key=key, ref=f"call {ref}", force=force)
+        metrics.DEBITS.inc()
+        metrics.DEBITED_MICROS.inc(amount)
 
     async def _release(self, ref: str, account: str) -> None:
         try:

@@ -18,6 +18,7 @@ from ami_listener.client import AmiClient, AmiError
 from ami_listener.meter import Discard, Meter
 from ami_listener.protocol import Message, ProtocolError, split, timestamp_us
 from ami_listener.tracker import US
+from prepaid import metrics
 from prepaid.config import AmiSettings
 
 log = logging.getLogger(__name__)
@@ -98,6 +99,7 @@ class LiveRunner:
                 backoff = min(backoff * 2, s.reconnect_max_seconds)
                 continue
             if lost:
+                metrics.AMI_RECONNECTS.inc()
                 log.info("AMI link to %s is back", client.where)
             else:
                 log.info("AMI connected to %s (%s)", client.where, client.banner)

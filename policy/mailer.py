@@ -30,11 +30,17 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
 from policy.decide import retry_delay
+from prepaid import metrics
 from prepaid.config import SmtpSettings
 from prepaid.errors import ConfigError
 from prepaid.outage import OutageLog
 
 log = logging.getLogger(__name__)
+
+
+def _kind(mail_id: str) -> str:
+    """The metric label of a mail id like ``low:1001:<crossing>``."""
+    return mail_id.split(":", 1)[0]
 
 KINDS = ("low_balance", "topup_receipt", "topup_failed", "manual_receipt")
 GROUP = "mailers"
@@ -249,8 +255,10 @@ class MailWorker:
             log.error("mail %s to %s refused for good by the SMTP server: %s", mail_id,
                       msg["To"], exc)
             await self._finish(record, entry_id, "failed")
+            metrics.EMAILS.labels(_kind(mail_id), "refused").inc()
             return 1
         await self._finish(record, entry_id, "sent")
+        metrics.EMAILS.labels(_kind(mail_id), "sent").inc()
         log.info("mail %s sent to %s", mail_id, msg["To"])
         return 1
 

@@ -41,6 +41,7 @@ from policy.decide import (
 )
 from policy.gateway import ChargeResult, Gateway, PaymentError, make_gateway
 from policy.mailer import MailQueue, MailWorker, Templates, compose
+from prepaid import metrics
 from prepaid.config import Settings
 from prepaid.errors import InputError, StoreUnavailable, UnknownAccount
 from prepaid.ledger import Account, Ledger
@@ -240,9 +241,11 @@ class PolicyWorker:
             attempts = await self.redis.hincrby(record, "attempts", 1)
             permanent = isinstance(exc, InputError)
             if not permanent and attempts < self.max_attempts:
+                metrics.TOPUPS.labels("retry").inc()
                 log.warning("top-up %s for account %s: %s; will retry (attempt %s of %s)",
                             key, acct.id, exc, attempts, self.max_attempts)
                 return False
+            metrics.TOPUPS.labels("failed").inc()
             log.error("top-up %s for account %s given up: %s", key, acct.id, exc)
             await self.redis.hset(record, "state", "failed")
             await self.redis.hdel(day, ev.crossing)
@@ -262,6 +265,7 @@ class PolicyWorker:
                                           ref=f"automatic top-up {result.charge_id}")
         await self.ledger.update(acct.id, declines="0", decline_until="0")
         await self.redis.hset(self.record_key(ev), "state", "credited")
+        metrics.TOPUPS.labels("credited").inc()
         log.info("account %s topped up by %s (charge %s), balance %s", acct.id,
                  format_amount(amount, acct.currency), result.charge_id,
                  format_amount(change.balance, acct.currency))
@@ -278,6 +282,7 @@ class PolicyWorker:
         if await self.redis.hsetnx(record, "declined", result.status):  # count each once
             raw = await self.redis.hget(self._acct(acct.id), "declines")
             outcome = after_decline(int(raw or 0), self.caps, now)
+            metrics.TOPUPS.labels(result.status).inc()
             fields = {"declines": str(outcome.declines),
                       "decline_until": f"{outcome.decline_until:.0f}"}
             if outcome.switch_to_email:
