@@ -434,6 +434,11 @@ async def amain(console: Console) -> int:
         return 2
     demo = Demo(console)
     started = time.monotonic()
+    main_task = asyncio.current_task()
+    assert main_task is not None
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C or kill: stop everything, then exit
+        loop.add_signal_handler(sig, main_task.cancel)
     try:
         await demo.set_up()
         await demo.start_serve()
@@ -453,7 +458,7 @@ def main() -> int:
     console = Console()
     try:
         return asyncio.run(amain(console))
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, asyncio.CancelledError):
         console.print("[yellow]Interrupted; everything was stopped.[/]")
         return 130
     except (RuntimeError, OSError) as exc:
