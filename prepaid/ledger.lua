@@ -1,5 +1,6 @@
 -- The credit ledger: every balance change of one account in one atomic step.
--- KEYS: 1 account hash, 2 holds hash, 3 history stream, 4 idempotency hash, 5 policy outbox
+-- KEYS: 1 account hash, 2 holds hash, 3 history stream, 4 idempotency hash, 5 the account's
+-- outbox stream (all in the account's hash tag, so the script touches one cluster slot)
 -- ARGV: 1 op, 2 idempotency key, 3 amount (micro-units), 4 reference, 5 hold id, 6 flags
 -- Reply: {status, balance, held, history entry id, crossed (0/1), hold amount}
 -- status is OK, DUP (same key seen: the first result is returned) or an error code.
@@ -83,7 +84,9 @@ local entry = redis.call('XADD', hist, '*', 'kind', op, 'amount', fmt(delta),
   'balance', fmt(balance), 'held', fmt(held), 'ref', ref, 'hold', hold, 'key', key)
 
 -- Threshold crossing: only the change that takes the balance from at-or-above the
--- threshold to below it emits an event, so concurrent debits yield exactly one.
+-- threshold to below it emits an event, so concurrent debits yield exactly one.  It goes
+-- to the account's own outbox; the client forwards it to the shared policy outbox and
+-- deletes it here (the policy worker's sweep forwards what a dead client left behind).
 local crossed = 0
 if delta < 0 then
   local p = redis.call('HMGET', acct, 'threshold', 'action', 'policy_enabled', 'topup_amount')

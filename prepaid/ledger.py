@@ -1,23 +1,37 @@
 """The Redis credit ledger: atomic, idempotent balance changes with a per-account history.
 
 Every change runs ``ledger.lua`` as one server-side script.  All keys of an account
-share the hash tag ``{acct:ID}`` so a script touches one cluster slot; the policy
-outbox is the one shared stream (see docs/design.md).
+share the hash tag ``{acct:ID}`` so a script touches one cluster slot, on a single Redis,
+Sentinel and Redis Cluster alike.  A threshold crossing is written to the account's own
+outbox stream by the script and forwarded from there to the shared policy outbox by
+:meth:`Ledger.forward_outbox` (see docs/design.md, "The outbox").
 """
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any
+from typing import Any, TypeAlias
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import RedisClusterException, RedisError
 
 from prepaid.errors import InputError, LedgerError, StoreUnavailable, UnknownAccount
 from prepaid.money import check_currency
+from prepaid.outage import OutageLog
+
+log = logging.getLogger(__name__)
+
+# What connect() returns.  Every command and script the project sends names keys of one
+# cluster slot, so the same calls work on a single Redis, through Sentinel and on a Cluster.
+RedisClient: TypeAlias = aioredis.Redis | RedisCluster
+# What a Redis outage raises.  The cluster client also raises RedisClusterException (not a
+# RedisError) when no node answers or a slot has no primary, as during a failover.
+REDIS_ERRORS: tuple[type[Exception], ...] = (RedisError, RedisClusterException, OSError)
 
 _ACCOUNT_RE = re.compile(r"^[A-Za-z0-9_.+@-]{1,64}$")
 _LEDGER_LUA = resources.files("prepaid").joinpath("ledger.lua").read_text()
@@ -122,13 +136,14 @@ class Account:
 class Ledger:
     """Async access to accounts and their balances in one Redis."""
 
-    def __init__(self, client: aioredis.Redis, prefix: str = "prepaid", url: str = "") -> None:
+    def __init__(self, client: RedisClient, prefix: str = "prepaid", url: str = "") -> None:
         self.redis = client
         self.prefix = prefix
         self.url = url
         self._ledger = client.register_script(_LEDGER_LUA)
         self._create = client.register_script(_CREATE_LUA)
         self._update = client.register_script(_UPDATE_LUA)
+        self.forward_outage = OutageLog(log, "Redis (forwarding crossings to the outbox)")
 
     # -- keys --------------------------------------------------------------
     def account_key(self, account: str) -> str:
@@ -136,11 +151,16 @@ class Ledger:
 
     def keys(self, account: str) -> list[str]:
         base = self.account_key(account)
-        return [base, f"{base}:holds", f"{base}:history", f"{base}:idem", self.outbox_key]
+        return [base, f"{base}:holds", f"{base}:history", f"{base}:idem", f"{base}:outbox"]
 
     @property
     def outbox_key(self) -> str:
+        """The shared stream the policy workers read (consumer group ``policy``)."""
         return f"{self.prefix}:outbox"
+
+    def account_outbox_key(self, account: str) -> str:
+        """Where the ledger script leaves a crossing until it is forwarded to the outbox."""
+        return f"{self.account_key(account)}:outbox"
 
     @property
     def index_key(self) -> str:
@@ -150,7 +170,7 @@ class Ledger:
     async def _call(self, coro: Any) -> Any:
         try:
             return await coro
-        except (RedisError, OSError) as exc:
+        except REDIS_ERRORS as exc:
             raise StoreUnavailable(f"Redis at {self.url or 'the configured URL'} is unavailable: "
                                    f"{exc}") from exc
 
@@ -165,9 +185,11 @@ class Ledger:
             keys=[self.account_key(account), self.keys(account)[2]],
             args=[account, currency, email, f"{time.time():.3f}", str(threshold), action,
                   str(topup_amount), enabled]))
+        # The index is another slot: a crash before this ZADD leaves an account the index
+        # misses, which creating it again (refused, it exists) repairs.
+        await self._call(self.redis.zadd(self.index_key, {account: time.time()}, nx=True))
         if not made:
             raise InputError(f"account {account!r} already exists")
-        await self._call(self.redis.zadd(self.index_key, {account: time.time()}))
         return await self.get(account)
 
     async def get(self, account: str) -> Account:
@@ -221,8 +243,37 @@ class Ledger:
             raise LedgerError(status, _MESSAGES.get(status, status).format(
                 account=account, key=key, hold=hold))
         entry = reply[3].decode() if isinstance(reply[3], bytes) else str(reply[3])
-        return Change(int(reply[1]), int(reply[2]), entry, bool(reply[4]), int(reply[5]),
-                      status == "DUP")
+        change = Change(int(reply[1]), int(reply[2]), entry, bool(reply[4]), int(reply[5]),
+                        status == "DUP")
+        if change.crossed:  # also on a retry (DUP): the first try may have died before this
+            try:
+                await self.forward_outbox(account)
+                self.forward_outage.success()
+            except StoreUnavailable as exc:
+                # The change is made; the crossing waits in the account's outbox for a
+                # retry or the policy worker's sweep.
+                self.forward_outage.failure(exc)
+        return change
+
+    async def forward_outbox(self, account: str, min_age: float = 0.0) -> int:
+        """Move the crossings waiting in the account's outbox to the shared outbox.
+
+        Each is XADDed to the shared stream, then XDELed here: two steps in two slots, so
+        a crash in between forwards it again later, which the policy worker tolerates
+        (it acts once per account and crossing id).  ``min_age`` (seconds) leaves recent
+        entries to the client that wrote them.  Returns how many were forwarded.
+        """
+        src = self.account_outbox_key(account)
+        end = "+" if min_age <= 0 else f"{int((time.time() - min_age) * 1000)}"
+        moved = 0
+        while True:
+            rows = await self._call(self.redis.xrange(src, "-", end, count=100))
+            for entry_id, fields in rows:
+                await self._call(self.redis.xadd(self.outbox_key, fields))
+                await self._call(self.redis.xdel(src, entry_id))
+            moved += len(rows)
+            if len(rows) < 100:
+                return moved
 
     async def credit(self, account: str, amount: int, *, key: str, ref: str = "") -> Change:
         return await self._apply("credit", account, amount, key=key, ref=ref)
@@ -258,16 +309,53 @@ _MESSAGES = {
 }
 
 
-def connect(url: str, timeout: float = 2.0) -> aioredis.Redis:
-    """A client for ``redis://``, ``rediss://``, ``unix://`` or ``redis+sentinel://`` URLs.
+def connect(url: str, timeout: float = 2.0) -> RedisClient:
+    """A client for ``redis://``, ``rediss://``, ``unix://``, ``redis+sentinel://`` or
+    ``redis+cluster://`` URLs.
 
     Sentinel URLs name the sentinels and the service:
     ``redis+sentinel://[:password@]host:port[,host:port...]/service[/db]``; the client
-    follows the primary across failovers.
+    follows the primary across failovers.  Cluster URLs name one or more nodes to discover
+    the cluster from: ``redis+cluster://[:password@]host:port[,host:port...]``; the client
+    follows slot moves and failovers.  Its commands are those of ``redis.asyncio.Redis``
+    for the keys of one slot, so it is typed as that (see docs/design.md, Redis keys).
     """
     if url.startswith("redis+sentinel://"):
         return _sentinel_client(url, timeout)
+    if url.startswith("redis+cluster://"):
+        return _cluster_client(url, timeout)
     return aioredis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+
+
+def _hosts(url: str, part: str, what: str) -> list[tuple[str, int]]:
+    hosts: list[tuple[str, int]] = []
+    for item in part.split(","):
+        host, _, port = item.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise InputError(f"{what} address {item!r} in {_safe(url)!r} must be HOST:PORT")
+        hosts.append((host.strip("[]"), int(port)))
+    return hosts
+
+
+def _safe(url: str) -> str:
+    return re.sub(r"//([^:@/]*):[^@/]*@", r"//\1:***@", url)
+
+
+def _cluster_client(url: str, timeout: float) -> RedisCluster:
+    from redis.asyncio.cluster import ClusterNode, RedisCluster
+
+    rest = url[len("redis+cluster://"):]
+    auth, _, rest = rest.rpartition("@")
+    hosts_part, _, path = rest.partition("/")
+    if not hosts_part or path.strip("0"):
+        raise InputError(f"cluster URL {_safe(url)!r} must be redis+cluster://host:port"
+                         "[,host:port...] (a cluster has no database number)")
+    user, _, password = auth.partition(":")
+    client = RedisCluster(
+        startup_nodes=[ClusterNode(h, p) for h, p in _hosts(url, hosts_part, "cluster node")],
+        username=user or None, password=password or None, socket_timeout=timeout,
+        socket_connect_timeout=timeout)
+    return client
 
 
 def _sentinel_client(url: str, timeout: float) -> aioredis.Redis:
@@ -279,12 +367,7 @@ def _sentinel_client(url: str, timeout: float) -> aioredis.Redis:
     service, _, db = path.partition("/")
     if not hosts_part or not service:
         raise InputError(f"sentinel URL {url!r} must be redis+sentinel://host:port/service")
-    hosts: list[tuple[str, int]] = []
-    for item in hosts_part.split(","):
-        host, _, port = item.rpartition(":")
-        if not host or not port.isdigit():
-            raise InputError(f"sentinel address {item!r} must be HOST:PORT")
-        hosts.append((host, int(port)))
+    hosts = _hosts(url, hosts_part, "sentinel")
     password = auth.partition(":")[2] or None
     options = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
     sentinel = Sentinel(hosts, sentinel_kwargs=options, **options)  # type: ignore[no-untyped-call]

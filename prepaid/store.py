@@ -4,12 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import redis.asyncio as aioredis
-from redis.exceptions import RedisError
-
 from prepaid.config import Settings
 from prepaid.errors import StoreUnavailable
-from prepaid.ledger import Ledger, connect
+from prepaid.ledger import REDIS_ERRORS, Ledger, RedisClient, connect
 from prepaid.ratestore import RateStore
 
 
@@ -18,7 +15,7 @@ class Store:
     """The Redis client with the ledger and rate store on it."""
 
     settings: Settings
-    redis: aioredis.Redis
+    redis: RedisClient
     ledger: Ledger
     rates: RateStore
 
@@ -32,7 +29,7 @@ async def open_store(settings: Settings, *, check: bool = True) -> Store:
     if check:
         try:
             await client.ping()
-        except (RedisError, OSError) as exc:
+        except REDIS_ERRORS as exc:
             await client.aclose()
             raise StoreUnavailable(
                 f"cannot reach Redis at {settings.redis.safe_url}: {exc}") from None
