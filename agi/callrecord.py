@@ -12,13 +12,24 @@ import json
 import time
 from dataclasses import dataclass
 
-import redis.asyncio as aioredis
-from redis.exceptions import RedisError
-
 from prepaid.errors import StoreUnavailable
+from prepaid.ledger import REDIS_ERRORS, RedisClient
 from prepaid.rating import Rate
 
 EXPIRY_MARGIN = 3600
+
+# One key each: scripts, not MULTI, so they run alike on a single Redis and a Cluster.
+_WRITE_LUA = """
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+return 1
+"""
+_STATE_LUA = """
+redis.call('HSET', KEYS[1], 'state', ARGV[1])
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+return 1
+"""
 
 
 def record_key(prefix: str, ref: str) -> str:
@@ -62,34 +73,30 @@ class CallRecord:
                    state=h.get("state", "authorized"))
 
 
-async def write(client: aioredis.Redis, prefix: str, record: CallRecord) -> None:
+async def write(client: RedisClient, prefix: str, record: CallRecord) -> None:
     key = record_key(prefix, record.uniqueid)
+    fields = [x for kv in record.to_hash().items() for x in kv]
     try:
-        async with client.pipeline(transaction=True) as pipe:
-            pipe.delete(key)
-            pipe.hset(key, mapping=record.to_hash())  # type: ignore[arg-type]
-            pipe.expire(key, record.max_seconds + EXPIRY_MARGIN)
-            await pipe.execute()
-    except (RedisError, OSError) as exc:
+        await client.register_script(_WRITE_LUA)(
+            keys=[key], args=[str(record.max_seconds + EXPIRY_MARGIN), *fields])
+    except REDIS_ERRORS as exc:
         raise StoreUnavailable(f"Redis is unavailable writing call {record.uniqueid}: {exc}"
                                ) from exc
 
 
-async def set_state(client: aioredis.Redis, prefix: str, ref: str, state: str) -> None:
+async def set_state(client: RedisClient, prefix: str, ref: str, state: str) -> None:
     """Mark a record (e.g. 'released' when the caller hung up during authorization)."""
     try:
-        async with client.pipeline(transaction=True) as pipe:
-            pipe.hset(record_key(prefix, ref), "state", state)
-            pipe.expire(record_key(prefix, ref), EXPIRY_MARGIN)
-            await pipe.execute()
-    except (RedisError, OSError) as exc:
+        await client.register_script(_STATE_LUA)(
+            keys=[record_key(prefix, ref)], args=[state, str(EXPIRY_MARGIN)])
+    except REDIS_ERRORS as exc:
         raise StoreUnavailable(f"Redis is unavailable updating call {ref}: {exc}") from exc
 
 
-async def read(client: aioredis.Redis, prefix: str, ref: str) -> CallRecord | None:
+async def read(client: RedisClient, prefix: str, ref: str) -> CallRecord | None:
     try:
         raw = await client.hgetall(record_key(prefix, ref))
-    except (RedisError, OSError) as exc:
+    except REDIS_ERRORS as exc:
         raise StoreUnavailable(f"Redis is unavailable reading call {ref}: {exc}") from exc
     if not raw:
         return None
