@@ -8,7 +8,6 @@ import time
 from typing import Any
 
 import click
-from redis.exceptions import RedisError
 from rich.console import Console
 from rich.table import Table
 
@@ -16,7 +15,7 @@ from ami_listener.meter import calls_key
 from prepaid import config
 from prepaid.config import Settings
 from prepaid.errors import PrepaidError, StoreUnavailable
-from prepaid.ledger import check_account_id
+from prepaid.ledger import REDIS_ERRORS, check_account_id
 from prepaid.money import format_amount
 from prepaid.store import open_store
 
@@ -29,7 +28,7 @@ async def recent_calls(settings: Settings, account: str, limit: int) -> tuple[st
         acct = await store.ledger.get(account)
         try:
             rows = await store.redis.xrevrange(calls_key(store.ledger, account), count=limit)
-        except (RedisError, OSError) as exc:
+        except REDIS_ERRORS as exc:
             raise StoreUnavailable(f"Redis at {settings.redis.safe_url} is unavailable: {exc}"
                                    ) from exc
     finally:

@@ -14,14 +14,12 @@ tracker on the next tick, and ledger idempotency keys make every retry safe:
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
-
-import redis.asyncio as aioredis
-from redis.exceptions import RedisError
 
 from agi.callrecord import CallRecord, hold_id, record_key
 from ami_listener.protocol import timestamp_us
@@ -40,7 +38,7 @@ from ami_listener.tracker import (
 )
 from prepaid import metrics
 from prepaid.errors import LedgerError, StoreUnavailable, UnknownAccount
-from prepaid.ledger import Ledger
+from prepaid.ledger import REDIS_ERRORS, Ledger, RedisClient
 from prepaid.rating import billed_seconds, block_cost, cost, covered_seconds
 
 log = logging.getLogger(__name__)
@@ -48,12 +46,30 @@ log = logging.getLogger(__name__)
 HISTORY_MAX = 10_000  # call records kept per account
 WARNING_FILE = "prepaid/credit-expires-in-one-minute"
 
-# Log the call once: only the first finisher of a reference writes its record.
+FINISHED_TTL = 7 * 86400  # a settled call not yet in the account's history waits this long
+ENDED_TTL = 3600
+
+# A finished call is written in three steps of one cluster slot each, every one safe to
+# repeat, so a crash between them loses nothing and doubles nothing:
+# 1. the call record keeps the first finisher's settlement (the call record's slot);
 _FINISH_LUA = """
-if redis.call('HSETNX', KEYS[1], 'finished', ARGV[1]) == 0 then return 0 end
-redis.call('HSET', KEYS[1], 'state', 'ended')
-redis.call('EXPIRE', KEYS[1], 3600)
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', unpack(ARGV, 3))
+redis.call('HSETNX', KEYS[1], 'finished', ARGV[1])
+redis.call('HSETNX', KEYS[1], 'settlement', ARGV[2])
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+return redis.call('HGET', KEYS[1], 'settlement')
+"""
+# 2. the account's call history logs that settlement once per reference (the account's);
+_LOG_LUA = """
+if redis.call('ZADD', KEYS[2], 'NX', ARGV[2], ARGV[1]) == 0 then return 0 end
+redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', unpack(ARGV, 4))
+redis.call('ZREMRANGEBYRANK', KEYS[2], 0, -2 * tonumber(ARGV[3]) - 1)
+return 1
+"""
+# 3. the call record is marked ended.  Recovery completes a record left 'finished' but
+#    not 'ended' by a crash (see Meter.recover).
+_ENDED_LUA = """
+redis.call('HSET', KEYS[1], 'state', 'ended', 'logged', ARGV[1])
+redis.call('EXPIRE', KEYS[1], ARGV[2])
 return 1
 """
 
@@ -102,7 +118,13 @@ class Settlement:
 
 
 def calls_key(ledger: Ledger, account: str) -> str:
+    """The account's call history: a stream, newest last, at most about HISTORY_MAX."""
     return f"{ledger.account_key(account)}:calls"
+
+
+def logged_key(ledger: Ledger, account: str) -> str:
+    """References already in the call history (sorted set by time), so each is logged once."""
+    return f"{ledger.account_key(account)}:calls:logged"
 
 
 class Meter:
@@ -112,7 +134,7 @@ class Meter:
                  commands: Commands | None = None, warning_context: str = "prepaid-warning"
                  ) -> None:
         self.ledger = ledger
-        self.redis: aioredis.Redis = ledger.redis
+        self.redis: RedisClient = ledger.redis
         self.prefix = prefix
         self.tracker = Tracker(warning_seconds=warning_seconds)
         self.commands: Commands = commands or Discard()
@@ -121,6 +143,8 @@ class Meter:
         self.settled: list[Settlement] = []  # the last few, for tests and the benchmark
         self.errors = 0
         self._finish = self.redis.register_script(_FINISH_LUA)
+        self._log = self.redis.register_script(_LOG_LUA)
+        self._ended = self.redis.register_script(_ENDED_LUA)
         self._lock = asyncio.Lock()
 
     # -- inputs ---------------------------------------------------------------------
@@ -145,7 +169,10 @@ class Meter:
         async with self._lock:
             self.tracker.begin_listing()
             try:
-                records = await self._live_records()
+                records, unlogged = await self._live_records()
+                for ref, account, fields in unlogged:  # settled before a crash, not logged
+                    log.info("call %s: completing its settlement record", ref)
+                    await self._log_settled(ref, account, fields)
             except StoreUnavailable as exc:
                 self._outage(exc)
                 return 0
@@ -156,23 +183,32 @@ class Meter:
                 await self._run(self.tracker.attach(ref, info, resumed=True))
             return count
 
-    async def _live_records(self) -> list[tuple[str, CallInfo]]:
+    async def _live_records(self) -> tuple[list[tuple[str, CallInfo]],
+                                           list[tuple[str, str, dict[str, str]]]]:
+        """The live calls, and the settled calls whose record was not completed."""
         out = []
+        unlogged = []
         try:
             keys = [k async for k in self.redis.scan_iter(f"{self.prefix}:callref:*",
                                                           count=1000)]
             for key in keys:
                 raw = await self.redis.hgetall(key)
                 h = {_text(k): _text(v) for k, v in raw.items()}
-                if h.get("state") not in ("authorized", "answered") or "finished" in h:
+                ref = _text(key).rsplit(":", 1)[1]
+                if "finished" in h:
+                    if h.get("state") != "ended" and h.get("settlement"):
+                        fields = _settlement(h["settlement"])
+                        if fields is not None:
+                            unlogged.append((ref, fields["account"], fields))
+                    continue
+                if h.get("state") not in ("authorized", "answered"):
                     continue
                 info = _info(h)
                 if info is not None:
-                    name = key.decode() if isinstance(key, bytes) else str(key)
-                    out.append((name.rsplit(":", 1)[1], info))
-        except (RedisError, OSError) as exc:
+                    out.append((ref, info))
+        except REDIS_ERRORS as exc:
             raise StoreUnavailable(f"Redis is unavailable listing live calls: {exc}") from exc
-        return out
+        return out, unlogged
 
     # -- carrying out actions -------------------------------------------------------
     async def _run(self, actions: Iterable[Action]) -> None:
@@ -222,7 +258,7 @@ class Meter:
     async def _lookup(self, action: Lookup) -> list[Action]:
         try:
             raw = await self.redis.hgetall(record_key(self.prefix, action.ref))
-        except (RedisError, OSError) as exc:
+        except REDIS_ERRORS as exc:
             self.tracker.lookup_failed(action.ref)
             raise StoreUnavailable(f"Redis is unavailable reading call {action.ref}: {exc}"
                                    ) from exc
@@ -327,20 +363,31 @@ class Meter:
                        None if f.ended_us is None else f.ended_us / US, duration,
                        billed_seconds(rate, duration), charged, blocks, f.cause, f.source,
                        cutoff)
-        args = [x for kv in s.fields().items() for x in kv]
-        await self._call(self._finish(
-            keys=[record_key(self.prefix, f.ref), calls_key(self.ledger, f.account)],
-            args=[f"{time.time():.3f}", str(HISTORY_MAX), *args]))
+        stored = await self._call(self._finish(
+            keys=[record_key(self.prefix, f.ref)],
+            args=[f"{time.time():.3f}", json.dumps(s.fields()), str(FINISHED_TTL)]))
+        first = _settlement(_text(stored)) if isinstance(stored, (bytes, str)) else None
+        await self._log_settled(f.ref, f.account, first or s.fields())  # the first finisher's
         self.settled = (self.settled + [s])[-100:]
         self.tracker.finished(f.ref)
         log.debug("call %s settled: %s s billed %s, cost %s", f.ref, duration, s.billed,
                   charged)
 
+    async def _log_settled(self, ref: str, account: str, fields: dict[str, str]) -> None:
+        """Steps 2 and 3 of a finished call (see _LOG_LUA): log it once, mark it ended."""
+        args = [x for kv in fields.items() for x in kv]
+        now = f"{time.time():.3f}"
+        await self._call(self._log(
+            keys=[calls_key(self.ledger, account), logged_key(self.ledger, account)],
+            args=[ref, now, str(HISTORY_MAX), *args]))
+        await self._call(self._ended(keys=[record_key(self.prefix, ref)],
+                                     args=[now, str(ENDED_TTL)]))
+
     # -- Redis health -----------------------------------------------------------------
     async def _call(self, coro: object) -> object:
         try:
             return await coro  # type: ignore[misc]
-        except (RedisError, OSError) as exc:
+        except REDIS_ERRORS as exc:
             raise StoreUnavailable(f"Redis is unavailable: {exc}") from exc
 
     def _outage(self, exc: Exception) -> None:
@@ -351,7 +398,7 @@ class Meter:
     async def _probe(self) -> bool:
         try:
             await self.redis.ping()
-        except (RedisError, OSError):
+        except REDIS_ERRORS:
             return False
         self.down = False
         log.info("Redis is back; metering resumed")
@@ -368,6 +415,18 @@ def _info(h: dict[str, str]) -> CallInfo | None:
     except (KeyError, ValueError, TypeError) as exc:
         log.debug("unusable call record: %s", exc)
         return None
+
+
+def _settlement(raw: str) -> dict[str, str] | None:
+    try:
+        fields = json.loads(raw)
+    except ValueError:
+        fields = None
+    if not isinstance(fields, dict) or not fields.get("account") or not all(
+            isinstance(v, str) for v in fields.values()):
+        log.error("call record with an unusable settlement %.80r; not logged", raw)
+        return None
+    return {str(k): v for k, v in fields.items()}
 
 
 def _text(value: bytes | str) -> str:
