@@ -392,10 +392,13 @@ class Tracker:
         if call.answered_us is None:
             duration = 0
         elif call.ended_us is not None:
-            duration = max(0, -(-(call.ended_us - call.answered_us) // US))
+            # Whole seconds, truncated as Asterisk's own billsec is: the call is charged
+            # what the CDR says, and a block paid at its start but never completed is
+            # given back at settlement.
+            duration = max(0, (call.ended_us - call.answered_us) // US)
         else:
             # Ended while we were away: the CDR's billable seconds, else the time paid for.
-            lower = covered_seconds(rate, call.paid - 1) + 1 if call.paid else 1
+            lower = covered_seconds(rate, call.paid - 1) if call.paid else 0
             if call.cdr_billsec is not None:
                 source, duration = "cdr", max(call.cdr_billsec, lower)
             else:

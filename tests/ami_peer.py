@@ -186,7 +186,7 @@ class Recording:
         answer, hangup = self.times()
         if answer is None or hangup is None:
             return 0
-        return -(-(hangup - answer) // 1_000_000)
+        return (hangup - answer) // 1_000_000  # whole seconds, as Asterisk's billsec
 
 
 def load(path: Path) -> Recording:

@@ -105,7 +105,7 @@ async def test_restart_mid_call_resumes_without_double_charge(ledger: Ledger,
         await peer.play(rec.messages[cut:])
         await wait_until(lambda: ended(ledger, rec.ref), what="call settled")
     account = await ledger.get("alice")
-    assert account.balance == START - cost(PER_SECOND, 5) and account.held == 0
+    assert account.balance == START - cost(PER_SECOND, 4) and account.held == 0  # billsec 4
     assert len(await ledger.redis.xrange(calls_key(ledger, "alice"))) == 1
 
 
@@ -138,7 +138,7 @@ async def test_link_drop_reconnects_logs_once_and_bills_once(
         await wait_until(lambda: _async(listener.runner.connected.is_set()), what="listing")
         await peer.play(rec.messages[cut:])
         await wait_until(lambda: ended(ledger, rec.ref), what="call settled")
-    assert (await ledger.get("alice")).balance == START - cost(PER_SECOND, 4)
+    assert (await ledger.get("alice")).balance == START - cost(PER_SECOND, 3)  # billsec 3
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert len([w for w in warnings if "AMI link lost" in w]) == 1
     assert len([w for w in warnings if "retrying with backoff" in w]) <= 1
@@ -209,9 +209,9 @@ async def test_calls_command_shows_the_metered_calls(ledger: Ledger, peer: AmiPe
     data = json.loads(out.output)
     assert data["currency"] == "EUR"
     assert [(c["number"], c["billed"], c["cost"]) for c in data["calls"]] == [
-        ("00390612345678", 5, 100_000)]
+        ("00390612345678", 4, 90_000)]
     table = await asyncio.to_thread(runner.invoke, calls_cmd, ["alice"], obj=settings)
-    assert table.exit_code == 0 and "EUR 0.10" in table.output
+    assert table.exit_code == 0 and "EUR 0.09" in table.output
     assert "00390612345678" in table.output
     bad = await asyncio.to_thread(runner.invoke, calls_cmd, ["no such"], obj=settings)
     assert bad.exit_code == 1 and "account id 'no such'" in bad.output

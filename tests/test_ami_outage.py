@@ -88,7 +88,7 @@ async def test_redis_outage_mid_call_is_logged_once_and_billed_after(
     finally:
         await client.aclose()
         await proxy.stop()
-    assert (await ledger.get("alice")).balance == 10_000_000 - cost(PER_SECOND, 5)
+    assert (await ledger.get("alice")).balance == 10_000_000 - cost(PER_SECOND, 4)
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(warnings) == 1 and "Redis unavailable" in warnings[0]
     assert [r for r in caplog.records if "Redis is back" in r.getMessage()]

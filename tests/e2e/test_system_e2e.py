@@ -62,13 +62,6 @@ DECK = parse_csv(RATES_CSV, "e2e-rates.csv")
 NORM = Normalisation(("+", "00"), "", "")
 
 
-# The one known disagreement (reported): ami_listener bills a call's time up rounded UP to whole
-# seconds (tracker._finish), Asterisk's CDR BillableSeconds truncates. Every call is charged
-# one 1-second block too many, and a call cut off when the credit runs out ends below zero.
-ROUNDING_BUG = pytest.mark.xfail(
-    strict=True, reason="ami_listener rounds talk time up to whole seconds; Asterisk's CDR "
-    "BillableSeconds truncates: one block too many per call, overdraft at cut-off")
-
 
 def rate_for(number: str) -> Rate:
     return DECK.lookup(number, NORM)
@@ -379,7 +372,6 @@ def spent(history: list[Entry], ref: str) -> int:
 # ------------------------------------------------------------------------------- scenarios
 
 
-@ROUNDING_BUG
 async def test_funded_call_by_ami_is_billed_exactly(system: System) -> None:
     await system.start()
     await system.account("1001", 10 * EUR)
@@ -456,7 +448,6 @@ async def test_call_is_cut_off_within_one_increment_when_credit_runs_out(
     assert (acct.balance, acct.held) == (4 * EUR - charged, 0)
 
 
-@ROUNDING_BUG
 async def test_credit_running_out_leaves_zero_not_an_overdraft(system: System) -> None:
     await system.start()
     await system.account("1009", 4 * EUR)  # 4 s at 1.00/s
