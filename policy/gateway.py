@@ -12,11 +12,9 @@ import json
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
-import redis.asyncio as aioredis
-from redis.exceptions import RedisError
-
 from prepaid.config import Settings
 from prepaid.errors import ConfigError, PrepaidError
+from prepaid.ledger import REDIS_ERRORS, RedisClient
 
 ChargeStatus = Literal["ok", "declined", "auth_required"]
 
@@ -67,7 +65,7 @@ class SandboxGateway:
     ``tok_timeout`` raises GatewayTimeout, ``tok_down`` raises GatewayUnavailable.
     """
 
-    def __init__(self, client: aioredis.Redis, prefix: str = "prepaid") -> None:
+    def __init__(self, client: RedisClient, prefix: str = "prepaid") -> None:
         self.redis = client
         self.prefix = prefix
 
@@ -90,7 +88,7 @@ class SandboxGateway:
         try:
             await self.redis.hsetnx(key, idempotency_key, record)  # the first outcome wins
             first = await self.redis.hget(key, idempotency_key)
-        except (RedisError, OSError) as exc:
+        except REDIS_ERRORS as exc:
             raise GatewayUnavailable(f"sandbox gateway: Redis unavailable: {exc}") from exc
         data = json.loads(first or record)
         return ChargeResult(data["status"], f"sb_{idempotency_key}", data["reason"])
@@ -101,7 +99,7 @@ class SandboxGateway:
         return {k.decode(): json.loads(v) for k, v in raw.items()}
 
 
-def make_gateway(settings: Settings, client: aioredis.Redis) -> Gateway:
+def make_gateway(settings: Settings, client: RedisClient) -> Gateway:
     """The gateway ``[payments] gateway`` names."""
     if settings.payments.gateway == "stripe":
         from policy.stripe_gateway import StripeGateway

@@ -1,10 +1,11 @@
 """Customer e-mail: templates, a durable mail queue in Redis, and the SMTP sender.
 
-A mail is rendered when it is queued and stored whole in the stream ``<prefix>:mail``;
-its record ``<prefix>:mail:<id>`` (state queued/sent/failed) makes queueing and sending
+A mail is rendered when it is queued and stored whole in the stream ``<prefix>:{mail}``;
+its record ``<prefix>:{mail}:<id>`` (state queued/sent/failed) makes queueing and sending
 idempotent: the same mail id is queued once, and once the SMTP server accepted it a
-retry does not send it again.  The mail worker reads the stream with a consumer group,
-acknowledges only after the server accepted (or refused for good), and retries with
+retry does not send it again.  Both share the hash tag ``{mail}``, so queueing and
+finishing a mail touch one Redis Cluster slot.  The mail worker reads the stream with a
+consumer group, acknowledges only after the server accepted (or refused for good), and retries with
 backoff while the server is down.
 """
 
@@ -26,13 +27,13 @@ from pathlib import Path
 from typing import Any
 
 import aiosmtplib
-import redis.asyncio as aioredis
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import RedisClusterException, RedisError, ResponseError
 
 from policy.decide import retry_delay
 from prepaid import metrics
 from prepaid.config import SmtpSettings
 from prepaid.errors import ConfigError
+from prepaid.ledger import REDIS_ERRORS, RedisClient
 from prepaid.outage import OutageLog
 
 log = logging.getLogger(__name__)
@@ -116,17 +117,17 @@ def compose(templates: Templates, sender: str, to: str, kind: str,
 
 
 class MailQueue:
-    def __init__(self, client: aioredis.Redis, prefix: str = "prepaid") -> None:
+    def __init__(self, client: RedisClient, prefix: str = "prepaid") -> None:
         self.redis = client
         self.prefix = prefix
         self._enqueue = client.register_script(_ENQUEUE_LUA)
 
     @property
     def stream_key(self) -> str:
-        return f"{self.prefix}:mail"
+        return f"{self.prefix}:{{mail}}"
 
     def record_key(self, mail_id: str) -> str:
-        return f"{self.prefix}:mail:{mail_id}"
+        return f"{self.prefix}:{{mail}}:{mail_id}"
 
     async def enqueue(self, mail_id: str, msg: EmailMessage) -> bool:
         """Queue ``msg`` once under ``mail_id``; False if that id was queued before."""
@@ -164,7 +165,7 @@ def _permanent(exc: Exception) -> bool:
 
 
 class MailWorker:
-    def __init__(self, client: aioredis.Redis, smtp: SmtpSettings, *, prefix: str = "prepaid",
+    def __init__(self, client: RedisClient, smtp: SmtpSettings, *, prefix: str = "prepaid",
                  consumer: str | None = None, claim_idle_ms: int = 60_000,
                  batch: int = 20) -> None:
         self.redis = client
@@ -214,7 +215,7 @@ class MailWorker:
         try:
             await self.ensure_group()
             rows = await self._fetch(block_ms)
-        except (RedisError, OSError) as exc:
+        except REDIS_ERRORS as exc:
             self.redis_outage.failure(exc)
             return 0
         self.redis_outage.success()
@@ -225,7 +226,7 @@ class MailWorker:
             async with self.sender.connection() as smtp:
                 for entry_id, fields in rows:
                     done += await self._one(smtp, entry_id, fields)
-        except RedisError as exc:
+        except (RedisError, RedisClusterException) as exc:
             self.redis_outage.failure(exc)
             return done
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:

@@ -9,6 +9,11 @@ gateway charge ``autotopup:<account>:<crossing>`` (the provider's keys are globa
 accounts' history ids can be equal), a decline is counted once per event, and each e-mail
 has its own id ``<kind>:<account>:<crossing>`` in the mail queue.
 
+The ledger writes a crossing to the account's own outbox ``P:{acct:ID}:outbox`` (one
+cluster slot with the account) and forwards it at once to ``P:outbox``; every
+``sweep_seconds`` the worker forwards what a process that died in between left behind
+(a crossing forwarded twice is acted on once, by the keys above).
+
 Redis keys (``P`` = key prefix, all per-account keys in the account's hash tag):
 ``P:outbox`` (stream, group ``policy``), ``P:{acct:ID}:topup-lock`` (one top-up in flight),
 ``P:{acct:ID}:topup:<crossing>`` (hash: amount, state, attempts, declined, switched),
@@ -25,8 +30,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import redis.asyncio as aioredis
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import ResponseError
 
 from policy.decide import (
     Decision,
@@ -44,7 +48,7 @@ from policy.mailer import MailQueue, MailWorker, Templates, compose
 from prepaid import metrics
 from prepaid.config import Settings
 from prepaid.errors import InputError, StoreUnavailable, UnknownAccount
-from prepaid.ledger import Account, Ledger
+from prepaid.ledger import REDIS_ERRORS, Account, Ledger, RedisClient
 from prepaid.money import format_amount
 from prepaid.outage import OutageLog
 from prepaid.store import Store
@@ -52,6 +56,7 @@ from prepaid.store import Store
 log = logging.getLogger(__name__)
 
 GROUP = "policy"
+OUTAGES: tuple[type[Exception], ...] = (*REDIS_ERRORS, StoreUnavailable)
 RECORD_TTL = 7 * 86400
 DAY_TTL = 3 * 86400
 
@@ -75,10 +80,11 @@ def mail_context(acct: Account, **extra: str) -> dict[str, str]:
 
 
 class PolicyWorker:
-    def __init__(self, client: aioredis.Redis, ledger: Ledger, settings: Settings,
+    def __init__(self, client: RedisClient, ledger: Ledger, settings: Settings,
                  gateway: Gateway, *, consumer: str | None = None,
                  claim_idle_ms: int = 60_000, lock_seconds: int = 120, max_attempts: int = 5,
-                 batch: int = 20, now: Callable[[], float] = time.time) -> None:
+                 batch: int = 20, now: Callable[[], float] = time.time,
+                 sweep_seconds: float = 30.0, sweep_min_age: float = 5.0) -> None:
         self.redis = client
         self.ledger = ledger
         self.settings = settings
@@ -97,6 +103,9 @@ class PolicyWorker:
         self._unlock = client.register_script(_UNLOCK_LUA)
         self._group_ready = False
         self._cursor = "0-0"
+        self.sweep_seconds = sweep_seconds
+        self.sweep_min_age = sweep_min_age  # younger crossings are left to their writer
+        self._next_sweep = 0.0  # monotonic time; 0: sweep on the first batch
 
     # -- keys ----------------------------------------------------------------
     def _acct(self, account: str) -> str:
@@ -150,14 +159,34 @@ class PolicyWorker:
                 if await self.handle(entry_id, fields):
                     await self.redis.xack(self.ledger.outbox_key, GROUP, entry_id)
                     acked += 1
-        except (RedisError, OSError, StoreUnavailable) as exc:
+        except OUTAGES as exc:
             self.redis_outage.failure(exc)
             return 0
         self.redis_outage.success()
         return acked
 
+    async def sweep(self) -> int:
+        """Forward crossings left in accounts' own outboxes by a process that died between
+        the ledger change and the forward; returns how many."""
+        moved = await self.ledger.sweep_outboxes(self.sweep_min_age)
+        if moved:
+            log.warning("forwarded %s threshold crossing(s) left behind in account outboxes",
+                        moved)
+        return moved
+
+    async def _sweep_if_due(self) -> None:
+        if time.monotonic() < self._next_sweep:
+            return
+        try:
+            await self.sweep()
+        except OUTAGES as exc:
+            self.redis_outage.failure(exc)
+            return
+        self._next_sweep = time.monotonic() + self.sweep_seconds
+
     async def run(self, stop: asyncio.Event, block_ms: int = 500) -> None:
         while not stop.is_set():
+            await self._sweep_if_due()
             await self.process_batch(block_ms)
             if self.redis_outage.failures:
                 try:
@@ -346,7 +375,8 @@ async def run(store: Store, stop: asyncio.Event) -> None:
     worker = PolicyWorker(store.redis, store.ledger, settings, gateway,
                           claim_idle_ms=claim_idle_ms,
                           lock_seconds=settings.policy.topup_lock_seconds,
-                          max_attempts=settings.policy.gateway_max_attempts)
+                          max_attempts=settings.policy.gateway_max_attempts,
+                          sweep_seconds=settings.policy.sweep_seconds)
     mailer = MailWorker(store.redis, settings.smtp, prefix=settings.redis.key_prefix,
                         claim_idle_ms=claim_idle_ms)
     block_ms = max(50, min(500, int(settings.redis.timeout * 1000 / 2)))
