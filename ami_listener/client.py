@@ -37,6 +37,7 @@ class AmiClient:
         self._splitter = MessageSplitter(max_line)
         self._ids = itertools.count(1)
         self._pending: dict[str, str] = {}  # ActionID -> action name
+        self.heard = 0  # messages read, responses included: a Ping's answer is a sign of life
         self.failures = 0
 
     @property
@@ -103,6 +104,7 @@ class AmiClient:
                 raise AmiError(f"AMI at {self.where} closed the connection")
             msg = self._splitter.line(raw)
             if msg is not None:
+                self.heard += 1
                 return msg
 
     async def read(self, idle: float) -> Message | None:

@@ -139,9 +139,10 @@ class LiveRunner:
     async def _read(self, client: AmiClient) -> None:
         silent = 0
         while True:
+            heard = client.heard
             msg = await client.read(self.ping)
             if msg is None:
-                silent += 1
+                silent = 0 if client.heard != heard else silent + 1
                 if silent > 1:
                     raise AmiError(f"AMI at {client.where} silent for {2 * self.ping:.0f} s")
                 client.send("Ping")

@@ -52,6 +52,10 @@ async def run_services(settings: Settings, names: Sequence[str], stop: asyncio.E
     finally:
         for task in tasks:
             task.cancel()
+        # Wait for them, so no service writes to Redis after serve has returned.
+        _, stuck = await asyncio.wait(tasks, timeout=10)
+        for task in stuck:
+            log.error("service %s did not stop within 10 s", tasks[task])
         await store.close()
     log.info("stopped")
 

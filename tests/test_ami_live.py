@@ -215,3 +215,22 @@ async def test_calls_command_shows_the_metered_calls(ledger: Ledger, peer: AmiPe
     assert "00390612345678" in table.output
     bad = await asyncio.to_thread(runner.invoke, calls_cmd, ["no such"], obj=settings)
     assert bad.exit_code == 1 and "account id 'no such'" in bad.output
+
+
+async def test_a_quiet_link_answering_pings_is_kept(ledger: Ledger, peer: AmiPeer,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    # No calls for many ping intervals: Asterisk's answers to Ping keep the link up.
+    caplog.set_level(logging.INFO, logger="ami_listener")
+    settings = AmiSettings(host="127.0.0.1", port=peer.port, username="prepaid",
+                           secret="s3cret", reconnect_max_seconds=0.2)
+    runner = LiveRunner(Meter(ledger), settings, tick=0.02, ping=0.05, min_backoff=0.02)
+    stop = asyncio.Event()
+    task = asyncio.create_task(runner.run(stop))
+    try:
+        await wait_until(lambda: _async(len(peer.sent("Ping")) >= 6), what="six pings")
+    finally:
+        stop.set()
+        async with asyncio.timeout(5):
+            await task
+    assert peer.logins == 1 and runner.sessions == 1
+    assert not [r for r in caplog.records if "silent" in r.getMessage()]
