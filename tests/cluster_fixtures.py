@@ -8,8 +8,11 @@ empty (FLUSHALL and SCRIPT FLUSH on each primary).
 from __future__ import annotations
 
 import atexit
+import inspect
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
+from types import ModuleType
+from typing import Any
 
 import pytest
 
@@ -44,6 +47,26 @@ def cluster() -> Iterator[Cluster]:
 def cluster_url(cluster: Cluster) -> str:
     cluster.flush()
     return cluster.url
+
+
+@pytest.fixture
+def redis_url(cluster_url: str) -> str:
+    """Import into a module to run its reused single-Redis tests on the cluster instead."""
+    return cluster_url
+
+
+def reused_tests(module: ModuleType, *, needs_single_server: tuple[str, ...] = ("redis_server",)
+                 ) -> dict[str, Any]:
+    """The test functions of ``module``, to collect again in a cluster module (whose
+    ``redis_url``/``ledger`` fixtures point at the cluster); tests that stop and start the
+    single redis-server (fixture ``redis_server``) are left out."""
+    out = {}
+    for name, fn in vars(module).items():
+        if name.startswith("test_") and callable(fn):
+            params = inspect.signature(fn).parameters
+            if not any(p in params for p in needs_single_server):
+                out[name] = fn
+    return out
 
 
 @pytest.fixture

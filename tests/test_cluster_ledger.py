@@ -20,12 +20,17 @@ from prepaid.ratedeck import parse_csv
 from prepaid.ratestore import RateStore
 from tests import test_ledger as single_redis
 from tests.cluster import Cluster
-from tests.cluster_fixtures import cluster, cluster_ledger, cluster_url  # noqa: F401
+from tests.cluster_fixtures import (  # noqa: F401
+    cluster,
+    cluster_ledger,
+    cluster_url,
+    reused_tests,
+)
 
 EUR = 1_000_000
 
 # The single-Redis ledger suite, collected again in this module with the cluster ledger.
-_REUSED = {name: fn for name, fn in vars(single_redis).items() if name.startswith("test_")}
+_REUSED = reused_tests(single_redis)
 assert len(_REUSED) >= 10, "tests/test_ledger.py changed shape"
 globals().update(_REUSED)
 
