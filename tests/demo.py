@@ -279,7 +279,10 @@ class Demo:
             history = await self.ledger.history(name, 200)
             for e in history:
                 key = f"{name}:{e.id}"
-                if e.kind == "credit" and "demo-opening" not in e.ref and key not in self.topups:
+                # Credits that start "call ..." give back a block a call never reached;
+                # they are part of what the call was charged, not top-ups.
+                if (e.kind == "credit" and "demo-opening" not in e.ref
+                        and not e.ref.startswith("call ") and key not in self.topups):
                     self.topups[key] = e.amount
                     self.note(f"[green]{name}: topped up {format_amount(e.amount, 'EUR')}[/]"
                               f" ({e.ref})")
