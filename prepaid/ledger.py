@@ -255,6 +255,28 @@ class Ledger:
                 self.forward_outage.failure(exc)
         return change
 
+    async def sweep_outboxes(self, min_age: float = 5.0, batch: int = 500) -> int:
+        """Forward every crossing older than ``min_age`` seconds that is still in an
+        account's own outbox (its writer died before forwarding it); returns how many.
+
+        Walks the account index in batches, one pipelined XRANGE per account.
+        """
+        end = f"{int((time.time() - min_age) * 1000)}"
+        moved = start = 0
+        while True:
+            ids = [_text(i) for i in await self._call(
+                self.redis.zrange(self.index_key, start, start + batch - 1))]
+            if not ids:
+                return moved
+            pipe = self.redis.pipeline(transaction=False)
+            for account in ids:
+                pipe.xrange(self.account_outbox_key(account), "-", end, count=1)
+            found = await self._call(pipe.execute())
+            for account, rows in zip(ids, found, strict=True):
+                if rows:
+                    moved += await self.forward_outbox(account, min_age)
+            start += batch
+
     async def forward_outbox(self, account: str, min_age: float = 0.0) -> int:
         """Move the crossings waiting in the account's outbox to the shared outbox.
 
@@ -296,6 +318,10 @@ class Ledger:
 
     async def release(self, account: str, hold: str, *, key: str, ref: str = "") -> Change:
         return await self._apply("release", account, 0, key=key, ref=ref, hold=hold)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 _MESSAGES = {
