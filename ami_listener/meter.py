@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -131,14 +132,15 @@ class Meter:
     """Runs tracker actions against Redis and AMI; feed it events and ticks."""
 
     def __init__(self, ledger: Ledger, *, prefix: str = "prepaid", warning_seconds: int = 60,
-                 commands: Commands | None = None, warning_context: str = "prepaid-warning"
-                 ) -> None:
+                 commands: Commands | None = None, warning_context: str = "prepaid-warning",
+                 system_name: str = "") -> None:
         self.ledger = ledger
         self.redis: RedisClient = ledger.redis
         self.prefix = prefix
         self.tracker = Tracker(warning_seconds=warning_seconds)
         self.commands: Commands = commands or Discard()
         self.warning_context = warning_context
+        self.system_name = system_name
         self.down = False
         self.settled: list[Settlement] = []  # the last few, for tests and the benchmark
         self.errors = 0
@@ -195,6 +197,8 @@ class Meter:
                 raw = await self.redis.hgetall(key)
                 h = {_text(k): _text(v) for k, v in raw.items()}
                 ref = _text(key).rsplit(":", 1)[1]
+                if not on_server(ref, self.system_name):
+                    continue  # another Asterisk's call: its own listener meters it
                 if "finished" in h:
                     if h.get("state") != "ended" and h.get("settlement"):
                         fields = _settlement(h["settlement"])
@@ -403,6 +407,17 @@ class Meter:
         self.down = False
         log.info("Redis is back; metering resumed")
         return True
+
+
+_PREFIXED_UNIQUEID = re.compile(r"^(.+)-[0-9]+\.[0-9]+$")
+
+
+def on_server(uniqueid: str, system_name: str) -> bool:
+    """Whether a call belongs to this Asterisk: with ``systemname`` set, Asterisk prefixes
+    every uniqueid with it (``pbx-a-1700000000.12``); a server without one owns the
+    unprefixed uniqueids."""
+    match = _PREFIXED_UNIQUEID.match(uniqueid)
+    return (match.group(1) if match else "") == system_name
 
 
 def _info(h: dict[str, str]) -> CallInfo | None:

@@ -74,6 +74,7 @@ class LiveRunner:
         self.settings = settings
         self.tick = tick
         self.ping = ping
+        self._name_warned = False
         self.min_backoff = min_backoff
         self.clock = AsteriskClock()
         self.connected = asyncio.Event()
@@ -148,6 +149,12 @@ class LiveRunner:
                 client.send("Ping")
                 continue
             silent = 0
+            name = msg.get("SystemName", "")
+            if name != self.meter.system_name and not self._name_warned:
+                self._name_warned = True
+                log.warning("Asterisk at %s has systemname %r but [ami] system_name is %r: "
+                            "after a restart this listener would not resume its own calls",
+                            client.where, name, self.meter.system_name)
             stamp = timestamp_us(msg.get("Timestamp", ""))
             if stamp is not None:
                 self.clock.seen(stamp)

@@ -15,7 +15,8 @@ log = logging.getLogger(__name__)
 def make_meter(store: Store) -> Meter:
     return Meter(store.ledger, prefix=store.settings.redis.key_prefix,
                  warning_seconds=store.settings.ami.warning_seconds,
-                 warning_context=store.settings.ami.warning_context)
+                 warning_context=store.settings.ami.warning_context,
+                 system_name=store.settings.ami.system_name)
 
 
 async def run(store: Store, stop: asyncio.Event) -> None:

@@ -63,6 +63,9 @@ class AmiSettings:
     reconnect_max_seconds: float = 30.0
     warning_seconds: int = 60
     warning_context: str = "prepaid-warning"
+    # The systemname of this Asterisk (asterisk.conf); with several servers on one Redis,
+    # each listener resumes and settles only the calls whose uniqueid carries its name.
+    system_name: str = ""
 
 
 @dataclass(frozen=True)
