@@ -435,6 +435,7 @@ async def test_call_is_cut_off_within_one_increment_when_credit_runs_out(
     await system.start()
     await system.account("1004", 4 * EUR)  # 4 s at 1.00/s
     number = "00390612345678"  # the far end never hangs up
+    mark = len(system.pbx.log_text())
     call = await system.originate(number, "1004")
     assert await system.status(call.ref) == ("ALLOWED", "")
     await system.answered(call)
@@ -446,6 +447,9 @@ async def test_call_is_cut_off_within_one_increment_when_credit_runs_out(
     charged = await system.check_billed(call, rate)
     acct = await system.store.ledger.get("1004")
     assert (acct.balance, acct.held) == (4 * EUR - charged, 0)
+    # The caller was warned: the listener whispered the prompt into the call (ChanSpy).
+    system.pbx.wait_for_log(r"Playing 'prepaid/credit-expires-in-one-minute\.", timeout=5,
+                            start=mark)
 
 
 async def test_credit_running_out_leaves_zero_not_an_overdraft(system: System) -> None:
