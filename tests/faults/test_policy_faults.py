@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +17,10 @@ from policy.gateway import ChargeResult, GatewayTimeout, SandboxGateway
 from policy.mailer import MailQueue
 from prepaid.store import Store, open_store
 from tests.faults.conftest import cli_async, lines
-from tests.servers import Mailbox
+from tests.servers import Mailbox, RedisServer
 from tests.test_policy_support import (
     EUR,
+    GatedGateway,
     Smtp,
     body,
     mailer,
@@ -188,3 +191,50 @@ async def test_gateway_timing_out_after_charging_every_time_is_given_up_charged_
     # The notice promises "credited automatically or refunded"; nothing in the project
     # does either (reported): the admin must reconcile this charge by hand.
     assert "credited automatically or refunded" in " ".join(text.split())
+
+
+async def test_redis_dying_while_a_crossing_is_handled_delays_it_by_the_lock_not_loses_it(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Redis (AOF, appendfsync always) is killed while the policy worker is in the middle of
+    a top-up (lock taken, charge in flight).  Its unlock fails, so after the restart the
+    worker's own retry finds the account locked until the lock expires: the top-up is
+    delayed by up to [policy] topup_lock_seconds (120 s by default; 2 s here), not lost,
+    and made once."""
+    caplog.set_level(logging.INFO, logger="policy")
+    aof = RedisServer("--appendonly", "yes", "--appendfsync", "always")
+    aof.start()
+    sink = Smtp()
+    sink.start()
+    st = await open_store(make_settings(aof.url, sink.port))
+    try:
+        await new_account(st)
+        sandbox = SandboxGateway(st.redis, st.ledger.prefix)
+        gated = GatedGateway(sandbox)
+        w = worker(st, gateway=gated, claim_idle_ms=100, lock_seconds=2)
+        await st.ledger.debit("1001", 5_500_000, key="call-1")
+        batch = asyncio.create_task(w.process_batch())
+        await asyncio.wait_for(gated.entered.wait(), 5)
+        assert aof.proc is not None
+        aof.proc.kill()  # a crash while the charge is in flight
+        aof.proc.wait(10)
+        aof.proc = None
+        gated.gate.set()
+        assert await batch == 0
+        aof.start()
+        began = time.monotonic()
+        while await w.process_batch() == 0:
+            assert time.monotonic() - began < 5, "the top-up was not retried"
+            await asyncio.sleep(0.05)  # the worker's own pace between batches
+        delay = time.monotonic() - began
+        assert 0.5 < delay < 2.5  # held up by the lock the crashed attempt left behind
+        assert lines(caplog, "already in flight", logger="policy.worker")
+        [charge] = await sandbox.charges("1001")  # charged once
+        assert charge.startswith("autotopup:1001:")
+        assert await automatic_credits(st) == [20 * EUR]  # credited once
+        assert len(lines(caplog, "Redis (policy outbox) unavailable", logger="policy.worker",
+                         level=logging.ERROR)) == 1
+    finally:
+        await st.close()
+        sink.stop()
+        aof.cleanup()
+
