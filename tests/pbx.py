@@ -341,7 +341,10 @@ class Pbx:
         project_conf: Path | None = PROJECT_CONF,
         project_sounds: Path | None = PROJECT_SOUNDS,
         boot_timeout: float = 60.0,
+        system_name: str = "",
     ) -> None:
+        if system_name and not re.fullmatch(r"[A-Za-z0-9_.-]+", system_name):
+            raise PbxError(f"system_name {system_name!r}: letters, digits, '_', '.', '-' only")
         self.root = ensure_rootfs(root)
         self.agi_host = agi_host
         self.agi_port = agi_port
@@ -350,6 +353,8 @@ class Pbx:
         self.project_conf = project_conf
         self.project_sounds = project_sounds
         self.boot_timeout = boot_timeout
+        # Asterisk's `systemname` (asterisk.conf): it prefixes every uniqueid with it.
+        self.system_name = system_name
         self.ami_port = 0
         self.sip_port = 0
         self.sipp_port = 0
@@ -596,6 +601,8 @@ class Pbx:
             "HANGUP_AFTER": str(self.hangup_after),
             "RTP_START": "10000",
             "RTP_END": "20000",
+            "SYSTEM_NAME": (f"systemname = {self.system_name}" if self.system_name
+                            else "; systemname unset (Pbx(system_name=...) sets it)"),
         }
         project = self._project_files()
         files: dict[str, str] = {}
