@@ -150,7 +150,10 @@ class LiveRunner:
                 continue
             silent = 0
             name = msg.get("SystemName", "")
-            if name != self.meter.system_name and not self._name_warned:
+            # Asterisk stamps SystemName only on the events it broadcasts, not on responses,
+            # list items (CoreShowChannel, ...) or FullyBooted: judge by broadcast channel events.
+            broadcast = "Uniqueid" in msg and "ActionID" not in msg
+            if broadcast and name != self.meter.system_name and not self._name_warned:
                 self._name_warned = True
                 log.warning("Asterisk at %s has systemname %r but [ami] system_name is %r: "
                             "after a restart this listener would not resume its own calls",
