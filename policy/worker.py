@@ -64,6 +64,14 @@ _UNLOCK_LUA = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
+# Take the account's top-up lock, or take it again with the same token: an attempt cut
+# short by a Redis outage (its unlock failed too) must not block its own retry.
+_LOCK_LUA = """
+local held = redis.call('GET', KEYS[1])
+if held and held ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+return 1
+"""
 
 
 def mail_context(acct: Account, **extra: str) -> dict[str, str]:
@@ -101,6 +109,7 @@ class PolicyWorker:
         self.now = now
         self.redis_outage = OutageLog(log, "Redis (policy outbox)")
         self._unlock = client.register_script(_UNLOCK_LUA)
+        self._lock = client.register_script(_LOCK_LUA)
         self._group_ready = False
         self._cursor = "0-0"
         self.sweep_seconds = sweep_seconds
@@ -203,9 +212,12 @@ class PolicyWorker:
         except InputError as exc:
             log.error("%s; dropping it", exc)
             return True
-        token = secrets.token_hex(8)
+        # The token names this worker and the event: only this worker's own retry of the
+        # event re-enters (its earlier attempt has ended: a worker handles one event at a
+        # time); another worker that claims the event still waits for the lock.
+        token = f"{self.consumer}:{ev.crossing}"
         lock = self.lock_key(ev.account)
-        if not await self.redis.set(lock, token, nx=True, ex=self.lock_seconds):
+        if not await self._lock(keys=[lock], args=[token, self.lock_seconds]):
             log.info("top-up for account %s already in flight; event %s waits", ev.account,
                      entry_id)
             return False
@@ -275,14 +287,20 @@ class PolicyWorker:
                             key, acct.id, exc, attempts, self.max_attempts)
                 return False
             metrics.TOPUPS.labels("failed").inc()
-            log.error("top-up %s for account %s given up: %s", key, acct.id, exc)
+            provider_key = gateway_key(ev)
+            # The provider may have charged before it stopped answering: the admin looks
+            # the charge up by its idempotency key and credits it by hand if it exists.
+            log.error("top-up %s for account %s given up: %s; check the payment provider "
+                      "for a charge with idempotency key %s and credit it with 'prepaid "
+                      "topup %s AMOUNT --reference %s' if it was made", key, acct.id, exc,
+                      provider_key, acct.id, provider_key)
             await self.redis.hset(record, "state", "failed")
             await self.redis.hdel(day, ev.crossing)
             await self._mail(acct, "topup_failed", mail_id("fail", ev), mail_context(
-                acct, amount=format_amount(amount, acct.currency), reference=key,
+                acct, amount=format_amount(amount, acct.currency), reference=provider_key,
                 reason="the payment provider could not be reached" if not permanent else str(exc),
                 advice="please top up manually; if your card statement shows this payment, "
-                       "it will be credited automatically or refunded"))
+                       "contact support with the reference below and it will be credited"))
             return True
         if result.ok:
             return await self._credited(acct, ev, amount, key, result)

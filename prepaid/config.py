@@ -29,6 +29,7 @@ class RedisSettings:
     url: str = "redis://127.0.0.1:6379/0"
     key_prefix: str = "prepaid"
     timeout: float = 2.0
+    max_connections: int = 256  # per process; a burst beyond waits up to `timeout`
 
     @property
     def safe_url(self) -> str:

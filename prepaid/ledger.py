@@ -335,7 +335,7 @@ _MESSAGES = {
 }
 
 
-def connect(url: str, timeout: float = 2.0) -> RedisClient:
+def connect(url: str, timeout: float = 2.0, max_connections: int = 256) -> RedisClient:
     """A client for ``redis://``, ``rediss://``, ``unix://``, ``redis+sentinel://`` or
     ``redis+cluster://`` URLs.
 
@@ -350,7 +350,12 @@ def connect(url: str, timeout: float = 2.0) -> RedisClient:
         return _sentinel_client(url, timeout)
     if url.startswith("redis+cluster://"):
         return _cluster_client(url, timeout)
-    return aioredis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+    # A burst past the pool size waits for a free connection (up to ``timeout``) instead
+    # of failing at once as redis-py's default pool does.
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url, max_connections=max_connections, timeout=timeout, socket_timeout=timeout,
+        socket_connect_timeout=timeout)
+    return aioredis.Redis.from_pool(pool)
 
 
 def _hosts(url: str, part: str, what: str) -> list[tuple[str, int]]:

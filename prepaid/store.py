@@ -25,7 +25,7 @@ class Store:
 
 async def open_store(settings: Settings, *, check: bool = True) -> Store:
     """Connect; with ``check`` a PING proves Redis answers, naming the URL if it doesn't."""
-    client = connect(settings.redis.url, settings.redis.timeout)
+    client = connect(settings.redis.url, settings.redis.timeout, settings.redis.max_connections)
     if check:
         try:
             await client.ping()
