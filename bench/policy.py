@@ -91,7 +91,7 @@ async def latency(st: Store, n: int) -> list[float]:
     return delays
 
 
-async def amain(accounts: int, samples: int) -> None:
+async def amain(accounts: int, samples: int) -> dict[str, float]:
     redis = RedisServer()
     redis.start()
     box = Mailbox()
@@ -110,10 +110,18 @@ async def amain(accounts: int, samples: int) -> None:
               f"{rate:.0f} events/s")
         print(f"policy: crossing -> credited delay over {samples} calls: p50 {p50:.0f} ms, "
               f"p99 {p99:.0f} ms")
+        return {"crossings": accounts, "events_per_s": round(rate, 1),
+                "delay_samples": samples, "crossing_to_credit_p50_ms": round(p50, 1),
+                "crossing_to_credit_p99_ms": round(p99, 1)}
     finally:
         await st.close()
         smtp.stop()
         redis.cleanup()
+
+
+def run() -> dict[str, float]:
+    """For ``python -m bench``: the defaults of the command line."""
+    return asyncio.run(amain(500, 200))
 
 
 def main() -> None:
