@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from agi import callrecord
 from agi.callrecord import CallRecord, hold_id
@@ -150,7 +152,22 @@ class AmiPeer:
 # -- recordings and the authorization the AGI would have done ------------------------------
 
 FIXTURES = Path(__file__).parent / "fixtures" / "ami"
-RECORDINGS = sorted(FIXTURES.rglob("*.ami"))
+# Recordings through the project's own dialplan (tests/record_scenarios.py), each with a
+# <name>.json beside it saying what a replay needs and what the live run charged.
+PROJECT = FIXTURES / "project"
+PROJECT_RECORDINGS = sorted(p for p in PROJECT.glob("*.ami") if not p.name.endswith(".failed.ami"))
+
+
+def _one_call(path: Path) -> bool:
+    sidecar = path.with_suffix(".json")
+    return not sidecar.exists() or len(json.loads(sidecar.read_text()).get("calls", [])) <= 1
+
+
+# What the generic tests iterate over: every recording of one prepaid call (they authorize
+# the first caller and answer every lookup with it). Recordings of several calls (e.g.
+# project/parallel-calls) are replayed by tests/test_ami_scenarios.py with their .json.
+RECORDINGS = sorted(p for p in FIXTURES.rglob("*.ami")
+                    if not p.name.endswith(".failed.ami") and _one_call(p))
 ANSWERED = {"answered-callee-hangs-up", "answered-caller-hangs-up",
             "testbed-answered-callee-hangs-up", "testbed-answered-caller-hangs-up"}
 # 0.60/min, 0.05 to connect, billed per second: every second is a block of 0.01.
@@ -165,10 +182,12 @@ class Recording:
     ref: str  # Uniqueid of the channel running Dial: the authorized caller
     channel: str
     number: str
+    meta: dict[str, Any] = field(default_factory=dict, compare=False)  # the <name>.json
 
     @property
     def answered(self) -> bool:
-        return self.name in ANSWERED
+        return self.name in ANSWERED if "answered" not in self.meta else bool(
+            self.meta["answered"])
 
     def times(self) -> tuple[int | None, int | None]:
         """Answer (first DialEnd ANSWER of the caller) and hangup of the caller, in us."""
@@ -192,7 +211,9 @@ class Recording:
 def load(path: Path) -> Recording:
     msgs = list(split(path.read_bytes()))
     dial = next(m for m in msgs if m.get("Event") == "DialBegin" and m.get("Uniqueid"))
-    return Recording(path.stem, msgs, dial["Uniqueid"], dial["Channel"], dial["Exten"])
+    sidecar = path.with_suffix(".json")
+    meta = json.loads(sidecar.read_text()) if sidecar.exists() else {}
+    return Recording(path.stem, msgs, dial["Uniqueid"], dial["Channel"], dial["Exten"], meta)
 
 
 async def authorize(ledger: Ledger, ref: str, channel: str, number: str, rate: Rate,
