@@ -1,0 +1,386 @@
+"""The project's own scenarios, recorded through ``[prepaid-outbound]`` with the services running
+(tests/fixtures/ami/project, made by tests/record_scenarios.py), replayed through the
+listener's handler against the real Redis: by the file runner (``replay(Meter(ledger), ...)``)
+and over TCP (``AmiPeer`` + ``LiveRunner``), whole, split by a restart, and from every
+starting point. Each recording's ``.json`` gives the accounts, opening balances, rate rows and
+call references; the costs asserted come from the recording's own Cdr events and the rate,
+and are checked against what the live run charged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agi.callrecord import record_key
+from ami_listener.meter import Meter, calls_key
+from ami_listener.protocol import Message, timestamp_us
+from ami_listener.runners import LiveRunner, replay
+from prepaid.config import AmiSettings
+from prepaid.ledger import Entry, Ledger
+from prepaid.rating import Rate, block_cost, cost
+from tests.ami_peer import (
+    PROJECT,
+    PROJECT_RECORDINGS,
+    AmiPeer,
+    Recording,
+    authorize,
+    load,
+    open_account,
+    wait_until,
+)
+from tests.servers import RedisServer
+
+NAMES = [p.stem for p in PROJECT_RECORDINGS]
+EXPECTED = {"answered-caller-hangs-up", "answered-callee-hangs-up", "ringing-caller-abandons",
+            "busy", "cutoff-for-credit", "parallel-calls", "blind-transfer",
+            "listener-restart"}
+
+
+@dataclass(frozen=True)
+class Call:
+    ref: str
+    account: str
+    number: str
+    channel: str
+    rate: Rate
+    billsec: int  # the caller channel's Cdr BillableSeconds, summed (a transfer splits it)
+    answered: bool
+    live_charged: int
+
+
+@dataclass(frozen=True)
+class Scenario:
+    rec: Recording
+    calls: list[Call]
+    opening: dict[str, int]
+
+    @property
+    def name(self) -> str:
+        return self.rec.name
+
+    @property
+    def events(self) -> list[Message]:
+        return [m for m in self.rec.messages if "Event" in m]
+
+    def full(self, account: str) -> int:
+        """What the account's calls cost by the rate deck, for Asterisk's billable seconds."""
+        return sum(cost(c.rate, c.billsec) for c in self.calls if c.account == account)
+
+
+def scenario(name: str) -> Scenario:
+    rec = load(PROJECT / f"{name}.ami")
+    meta: dict[str, Any] = rec.meta
+    calls = []
+    for c in meta["calls"]:
+        cdrs = [m for m in rec.messages
+                if m.get("Event") == "Cdr" and m.get("UniqueID") == c["ref"]]
+        assert cdrs, f"{name}: no Cdr for the caller channel {c['ref']}"
+        assert [int(m["BillableSeconds"]) for m in cdrs] == [
+            x["billable_seconds"] for x in c["cdr"]], name
+        answered = any(m.get("Disposition") == "ANSWERED" for m in cdrs)
+        calls.append(Call(c["ref"], c["account"], c["number"], c["channel"], Rate(**c["rate"]),
+                          sum(int(m["BillableSeconds"]) for m in cdrs), answered,
+                          c["live"]["charged"]))
+    return Scenario(rec, calls, {a: v["opening"] for a, v in meta["accounts"].items()})
+
+
+async def prepare(ledger: Ledger, sc: Scenario) -> None:
+    """The accounts as they were, and what the AGI did before each Dial."""
+    for account, balance in sc.opening.items():
+        await open_account(ledger, balance, account)
+    for c in sc.calls:
+        await authorize(ledger, c.ref, c.channel, c.number, c.rate, account=c.account)
+
+
+def spent(history: list[Entry], ref: str) -> int:
+    """What the call took from the balance (settle and debits, minus refunds)."""
+    return -sum(e.amount for e in history if ref in e.ref and e.kind != "reserve")
+
+
+async def ledger_keys(ledger: Ledger, account: str) -> list[str]:
+    """The idempotency key of every money entry of the account (the raw history stream)."""
+    rows = await ledger.redis.xrange(f"{ledger.account_key(account)}:history")
+    keys = [f.get(b"key", b"").decode() for _, f in rows if f.get(b"kind") != b"open"]
+    assert all(keys), f"history entries without a key: {rows}"
+    return keys
+
+
+async def logged(ledger: Ledger, account: str) -> list[dict[str, str]]:
+    rows = await ledger.redis.xrange(calls_key(ledger, account))
+    return [{k.decode(): v.decode() for k, v in f.items()} for _, f in rows]
+
+
+async def ended(ledger: Ledger, refs: list[str]) -> bool:
+    for ref in refs:
+        if await ledger.redis.hget(record_key("prepaid", ref), "state") != b"ended":
+            return False
+    return True
+
+
+async def check_billed(ledger: Ledger, sc: Scenario) -> None:
+    """Every call billed once, exactly its rate-deck cost; nothing held; no stray charge."""
+    for account, opening in sc.opening.items():
+        acct = await ledger.get(account)
+        history = await ledger.history(account, 1000)
+        mine = [c for c in sc.calls if c.account == account]
+        assert acct.held == 0 and await ledger.holds(account) == {}, (sc.name, account)
+        assert sum(e.amount for e in history) == acct.balance, (sc.name, account)
+        keys = await ledger_keys(ledger, account)
+        assert len(keys) == len(set(keys)), f"{sc.name}: a ledger key applied twice: {keys}"
+        # Nothing but the opening credit and this account's own calls touched it.
+        refs = {f"call {c.ref}" for c in mine}
+        strays = [e for e in history if e.kind != "open" and e.ref != "opening balance"
+                  and not any(e.ref.startswith(r) for r in refs)]
+        assert strays == [], (sc.name, account, strays)
+        rows = await logged(ledger, account)
+        assert sorted(r["ref"] for r in rows) == sorted(c.ref for c in mine), sc.name
+        for c in mine:
+            charged = spent(history, c.ref)
+            if c.answered:
+                assert charged == cost(c.rate, c.billsec) == c.live_charged, (
+                    sc.name, c.ref, charged, c.billsec)
+                assert [e.kind for e in history if e.ref == f"call {c.ref}"].count(
+                    "settle") == 1, sc.name
+            else:
+                assert charged == 0 == c.live_charged, (sc.name, c.ref)
+                kinds = sorted(e.kind for e in history if c.ref in e.ref)
+                assert kinds == ["release", "reserve"], (sc.name, kinds)
+            [row] = [r for r in rows if r["ref"] == c.ref]
+            assert int(row["cost"]) == charged and int(row["duration"]) == c.billsec, row
+        assert acct.balance == opening - sc.full(account), (sc.name, account)
+        assert acct.balance >= -max(block_cost(c.rate, 2) for c in sc.calls), sc.name
+
+
+class Sent:
+    """AMI actions the meter sent, in order."""
+
+    def __init__(self) -> None:
+        self.actions: list[tuple[str, dict[str, str]]] = []
+
+    def send(self, name: str, **headers: str) -> str:
+        self.actions.append((name, headers))
+        return str(len(self.actions))
+
+    def named(self, name: str) -> list[dict[str, str]]:
+        return [h for n, h in self.actions if n == name]
+
+
+def check_hangups(sc: Scenario, hangups: list[dict[str, str]]) -> None:
+    """Only the cut-off scenario makes the listener hang up, and only the caller channel."""
+    if sc.name == "cutoff-for-credit":
+        [c] = sc.calls
+        assert [h["Channel"] for h in hangups] == [c.channel], hangups
+    else:
+        assert hangups == [], (sc.name, hangups)
+
+
+# ------------------------------------------------------------------------------- the files
+
+
+def test_every_scenario_is_recorded() -> None:
+    assert set(NAMES) == EXPECTED
+    for name in NAMES:
+        sc = scenario(name)
+        assert sc.events and sc.calls
+        # Recorded through the project's dialplan: the AGI authorized each call.
+        for c in sc.calls:
+            status = [m for m in sc.rec.messages if m.get("Event") == "VarSet"
+                      and m.get("Uniqueid") == c.ref and m.get("Variable") == "PREPAID_STATUS"]
+            assert [m["Value"] for m in status] == ["ALLOWED"], (name, c.ref)
+            assert "@prepaid-outbound-" in c.channel, c.channel
+
+
+def test_the_live_runs_behaved_as_intended() -> None:
+    """What the scenarios are about, from the recordings themselves."""
+    cut = scenario("cutoff-for-credit")
+    [c] = cut.calls
+    hangup = next(m for m in cut.rec.messages
+                  if m.get("Event") == "Hangup" and m.get("Uniqueid") == c.ref)
+    # Cut off for credit: credit for 3 s, the far end never hangs up.
+    assert c.billsec == 3 and cut.opening[c.account] == cost(c.rate, 3)
+    assert hangup["Cause"] == "16" and c.live_charged == cost(c.rate, 3)
+    par = scenario("parallel-calls")
+    assert {c.account for c in par.calls} == {"2006"} and len(par.calls) == 2
+    tr = scenario("blind-transfer")
+    assert [m["Result"] for m in tr.rec.messages if m.get("Event") == "BlindTransfer"] == [
+        "Success"]
+    assert len([m for m in tr.rec.messages if m.get("Event") == "Cdr"
+                and m.get("UniqueID") == tr.calls[0].ref]) == 2  # split by the transfer
+    for name in ("ringing-caller-abandons", "busy"):
+        assert not scenario(name).calls[0].answered
+
+
+@pytest.mark.parametrize("name", NAMES)
+async def test_file_runner_bills_like_the_live_run(ledger: Ledger, name: str) -> None:
+    sc = scenario(name)
+    await prepare(ledger, sc)
+    sent = Sent()
+    meter = Meter(ledger, commands=sent)
+    assert await replay(meter, sc.rec.messages) == len(sc.events)
+    assert meter.errors == 0 and meter.tracker.calls == {}
+    await check_billed(ledger, sc)
+    check_hangups(sc, sent.named("Hangup"))
+
+
+# ------------------------------------------------------------------------------ over TCP
+
+
+@pytest.fixture
+async def peer() -> AsyncIterator[AmiPeer]:
+    p = AmiPeer()
+    await p.start()
+    yield p
+    await p.stop()
+
+
+class Listener:
+    """A LiveRunner task the test starts and stops (as ``prepaid serve`` would)."""
+
+    def __init__(self, ledger: Ledger, peer: AmiPeer) -> None:
+        self.meter = Meter(ledger)
+        settings = AmiSettings(host="127.0.0.1", port=peer.port, username="prepaid",
+                               secret="s3cret", reconnect_max_seconds=0.2)
+        self.runner = LiveRunner(self.meter, settings, tick=0.02, min_backoff=0.02)
+        self.stop = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Listener:
+        self.task = asyncio.create_task(self.runner.run(self.stop))
+        async with asyncio.timeout(5):
+            await self.runner.connected.wait()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.stop.set()
+        assert self.task is not None
+        async with asyncio.timeout(5):
+            await self.task
+
+
+@pytest.mark.parametrize("name", NAMES)
+async def test_live_listener_bills_like_the_live_run(ledger: Ledger, peer: AmiPeer,
+                                                     name: str) -> None:
+    sc = scenario(name)
+    await prepare(ledger, sc)
+    refs = [c.ref for c in sc.calls]
+    async with Listener(ledger, peer) as listener:
+        await peer.play(sc.events)
+        await wait_until(lambda: ended(ledger, refs), what=f"{name} settled")
+        assert listener.meter.errors == 0
+    await check_billed(ledger, sc)
+    check_hangups(sc, peer.sent("Hangup"))
+
+
+def restart_split(sc: Scenario) -> int:
+    """Where the live listener stopped: the number of messages recorded by then."""
+    k = int(sc.rec.meta["listener_stopped_after"])
+    assert 0 < k < len(sc.rec.messages)
+    return k
+
+
+async def test_restart_two_meters_in_sequence_bill_once(ledger: Ledger) -> None:
+    """The stream split where the live listener was stopped: a first meter, then a new one
+    that resumes from Redis (and lists the channels still up, as after a restart)."""
+    sc = scenario("listener-restart")
+    [c] = sc.calls
+    k = restart_split(sc)
+    before, after = sc.rec.messages[:k], sc.rec.messages[k:]
+    await prepare(ledger, sc)
+    first = Meter(ledger)
+    await replay(first, before)
+    # The first listener lived until just before the new one logged in (message k, its
+    # SuccessfulAuth): its clock ran on to then.
+    relogin = timestamp_us(after[0]["Timestamp"])
+    assert after[0].get("Event") == "SuccessfulAuth" and relogin is not None
+    await first.tick(relogin - 1)
+    paid = [e.kind for e in await ledger.history(c.account, 100) if e.ref == f"call {c.ref}"]
+    assert paid.count("settle") == 1 and paid.count("debit") >= 1, paid  # stopped mid-call
+    second = Meter(ledger)
+    assert await second.recover() == 1
+    table = AmiPeer()
+    table.learn(before)  # what Asterisk lists to the new listener
+    assert c.ref in table.channels
+    for uid, row in table.channels.items():
+        await second.handle(Message(Event="CoreShowChannel", Uniqueid=uid,
+                                    Channel=row["Channel"], BridgeId=row.get("BridgeId", "")))
+    await second.handle(Message(Event="CoreShowChannelsComplete",
+                                ListItems=str(len(table.channels))))
+    await replay(second, after)
+    assert first.errors == second.errors == 0 and second.tracker.calls == {}
+    await check_billed(ledger, sc)
+
+
+async def test_restart_over_tcp_bills_once(ledger: Ledger, peer: AmiPeer) -> None:
+    sc = scenario("listener-restart")
+    [c] = sc.calls
+    k = restart_split(sc)
+    events_before = [m for m in sc.rec.messages[:k] if "Event" in m]
+    events_after = [m for m in sc.rec.messages[k:] if "Event" in m]
+    await prepare(ledger, sc)
+    async with Listener(ledger, peer):
+        await peer.play(events_before)
+
+        async def two_blocks() -> bool:
+            raw = await ledger.redis.hget(record_key("prepaid", c.ref), "blocks_paid")
+            return raw is not None and int(raw) >= 2
+
+        await wait_until(two_blocks, what="blocks 1 and 2 paid")
+    async with Listener(ledger, peer) as listener:  # a new process, same Asterisk
+        await peer.play(events_after)
+        await wait_until(lambda: ended(ledger, [c.ref]), what="call settled")
+        assert listener.meter.errors == 0
+    await check_billed(ledger, sc)
+
+
+# -------------------------------------------------------------- from every starting point
+
+
+@pytest.mark.parametrize("name", NAMES)
+async def test_attaching_at_every_point_of_the_stream(ledger: Ledger, redis_server: RedisServer,
+                                                      name: str) -> None:
+    """A listener that starts anywhere in the recording: no crash, no double charge, no
+    charge above the rate deck's, no overdraft beyond one block, no reservation left, each
+    call logged once, no account charged for another's call."""
+    sc = scenario(name)
+    events = sc.events
+    refs = [c.ref for c in sc.calls]
+    for start in range(len(events) + 1):
+        redis_server.flush()
+        await prepare(ledger, sc)
+        peer = AmiPeer()
+        await peer.start()
+        try:
+            peer.learn(events[:start])  # what Asterisk knows when the listener attaches
+            async with Listener(ledger, peer) as listener:
+                await peer.play(events[start:])
+                await wait_until(lambda: ended(ledger, refs), what=f"settled from {start}")
+                assert listener.meter.errors == 0, start
+        finally:
+            await peer.stop()
+        for account, opening in sc.opening.items():
+            acct = await ledger.get(account)
+            history = await ledger.history(account, 1000)
+            assert acct.held == 0, (start, account)
+            assert opening - sc.full(account) <= acct.balance <= opening, (start, account)
+            assert acct.balance >= -max(block_cost(c.rate, 2) for c in sc.calls), start
+            assert sum(e.amount for e in history) == acct.balance, start
+            keys = await ledger_keys(ledger, account)
+            assert len(keys) == len(set(keys)), start
+            mine = sorted(c.ref for c in sc.calls if c.account == account)
+            assert sorted(r["ref"] for r in await logged(ledger, account)) == mine, start
+
+
+def _paths() -> list[Path]:  # for the README check below
+    return PROJECT_RECORDINGS
+
+
+def test_readme_lists_every_recording() -> None:
+    text = (PROJECT / "README.md").read_text()
+    for path in _paths():
+        assert f"{path.stem}.ami" in text, path.name
