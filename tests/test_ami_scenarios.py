@@ -10,7 +10,7 @@ and are checked against what the live run charged.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,7 @@ from agi.callrecord import record_key
 from ami_listener.meter import Meter, calls_key
 from ami_listener.protocol import Message, timestamp_us
 from ami_listener.runners import LiveRunner, replay
+from ami_listener.tracker import US
 from prepaid.config import AmiSettings
 from prepaid.ledger import Entry, Ledger
 from prepaid.rating import Rate, block_cost, cost
@@ -34,6 +35,7 @@ from tests.ami_peer import (
     open_account,
     wait_until,
 )
+from tests.faults.test_ami_duplicates import variants
 from tests.servers import RedisServer
 
 NAMES = [p.stem for p in PROJECT_RECORDINGS]
@@ -171,7 +173,7 @@ class Sent:
         return [h for n, h in self.actions if n == name]
 
 
-def check_hangups(sc: Scenario, hangups: list[dict[str, str]]) -> None:
+def check_hangups(sc: Scenario, hangups: Sequence[Mapping[str, str]]) -> None:
     """Only the cut-off scenario makes the listener hang up, and only the caller channel."""
     if sc.name == "cutoff-for-credit":
         [c] = sc.calls
@@ -316,6 +318,51 @@ async def test_restart_two_meters_in_sequence_bill_once(ledger: Ledger) -> None:
     await check_billed(ledger, sc)
 
 
+async def restart_at(ledger: Ledger, sc: Scenario, k: int) -> tuple[Meter, Meter]:
+    """A listener on messages[:k] until the time of message k, then a new one that resumes
+    from Redis, gets the channel list Asterisk would give it, and hears the rest."""
+    before, after = sc.rec.messages[:k], sc.rec.messages[k:]
+    first = Meter(ledger)
+    await replay(first, before)
+    stamp = next((timestamp_us(m["Timestamp"]) for m in after if "Timestamp" in m), None)
+    if stamp is not None:
+        await first.tick(stamp - 1)
+    second = Meter(ledger)
+    await second.recover()
+    table = AmiPeer()
+    table.learn(before)
+    for uid, row in table.channels.items():
+        await second.handle(Message(Event="CoreShowChannel", Uniqueid=uid,
+                                    Channel=row["Channel"], BridgeId=row.get("BridgeId", "")))
+    await second.handle(Message(Event="CoreShowChannelsComplete",
+                                ListItems=str(len(table.channels))))
+    await replay(second, after)
+    return first, second
+
+
+@pytest.mark.parametrize("name", NAMES)
+async def test_restart_at_every_point_bills_exactly_once(ledger: Ledger,
+                                                         redis_server: RedisServer,
+                                                         name: str) -> None:
+    """Two meters in sequence, the stream split at every message: each call is billed
+    exactly as the whole stream bills it, once."""
+    sc = scenario(name)
+    # The AGI writes a call's record while its channel is up: a restart before every
+    # caller channel exists would meet records of channels Asterisk doesn't list.
+    born = max(i for i, m in enumerate(sc.rec.messages) if m.get("Event") == "Newchannel"
+               and m.get("Uniqueid") in {c.ref for c in sc.calls})
+    for k in range(born + 1, len(sc.rec.messages)):
+        redis_server.flush()
+        await prepare(ledger, sc)
+        first, second = await restart_at(ledger, sc, k)
+        assert first.errors == second.errors == 0, k
+        assert second.tracker.calls == {}, k
+        try:
+            await check_billed(ledger, sc)
+        except AssertionError as exc:
+            raise AssertionError(f"split at message {k}: {exc}") from exc
+
+
 async def test_restart_over_tcp_bills_once(ledger: Ledger, peer: AmiPeer) -> None:
     sc = scenario("listener-restart")
     [c] = sc.calls
@@ -384,3 +431,34 @@ def test_readme_lists_every_recording() -> None:
     text = (PROJECT / "README.md").read_text()
     for path in _paths():
         assert f"{path.stem}.ami" in text, path.name
+
+
+@pytest.mark.parametrize("name", NAMES)
+async def test_duplicated_and_reordered_events_bill_exactly_once(
+        ledger: Ledger, redis_server: RedisServer, name: str) -> None:
+    """As tests/faults/test_ami_duplicates.py, with every call of the recording authorized
+    (that suite authorizes only the first caller): the stream sent twice and shuffled within
+    a window, or each event twice in a row, bills each call exactly once."""
+    sc = scenario(name)
+    for variant, msgs in variants(sc.events).items():
+        redis_server.flush()
+        await prepare(ledger, sc)
+        sent = Sent()
+        meter = Meter(ledger, commands=sent)
+        assert await replay(meter, msgs) == 2 * len(sc.events)
+        await meter.tick(meter.tracker.now + 60 * US)  # a minute later: nothing more due
+        try:
+            await check_billed(ledger, sc)
+        except AssertionError as exc:
+            raise AssertionError(f"{variant}: {exc}") from exc
+        assert meter.errors == 0 and meter.tracker.calls == {}, variant
+        hangups = {h["Channel"] for h in sent.named("Hangup")}
+        if name == "cutoff-for-credit":  # the caller is hung up, however often asked
+            assert hangups == {sc.calls[0].channel}, variant
+        elif "shuffled" not in variant:
+            assert hangups == set(), variant
+        else:
+            # A Hangup seen late lets time run on for its call, whose blocks are paid ahead
+            # (and refunded at settlement): parallel calls may then run short of credit and
+            # be told to hang up; only the scenario's own callers, never anything else.
+            assert hangups <= {c.channel for c in sc.calls}, variant
