@@ -10,11 +10,15 @@ the primary that owns the probe account's slot is killed with SIGKILL.
 
 Figures:
 
-- completed calls a second across both servers: calls authorized, metered and settled, each
-  checked in Redis (its record ended, its settlement logged once, every block key in the
-  account's ledger history once, the charge the rate deck's cost of the call's seconds);
+- completed calls a second across both servers (completed calls over the time from the first
+  call placed to the last one settled; and the rate at which they settled, first to last):
+  calls authorized, metered and settled, each checked in Redis (its record ended, its
+  settlement logged once, every block key in the account's ledger history once, the charge
+  the rate deck's cost of the call's seconds);
 - authorization latency p50/p99, as Asterisk saw it (AGI() starting to PREPAID_STATUS set,
-  AMI event timestamps) and as the FastAGI server logs it;
+  AMI event timestamps; over all allowed calls and over those authorized outside the
+  failover, from the kill to the cluster healthy again) and
+  as the FastAGI server logs it;
 - the failover: the longest pause a ledger client saw (a probe crediting 1 micro-unit every
   20 ms to an account on the killed primary), when the cluster was healthy again, calls
   refused while it failed over, and what was lost: probe credits acknowledged but not in
@@ -58,7 +62,7 @@ SERVERS = ("pbx-a", "pbx-b")
 CALLS = 60  # in all, half on each server
 RATE_PER_SERVER = 3.0  # calls offered a second on each server
 MAX_CONCURRENT = 10  # calls up at once on each server, at most
-CALL_SECONDS = 3  # the test-bed trunk answers 0088NN... and hangs up after NN s
+CALL_SECONDS = 2  # the test-bed trunk answers 0088NN... and hangs up after NN s
 ACCOUNTS = 12
 OPENING = 100_000_000  # 100.00 each
 KILL_AFTER = CALLS // 2  # calls placed before the primary is killed
@@ -145,6 +149,8 @@ class Server:
     serve: subprocess.Popen[bytes] | None = None
     events: Events | None = None
     up: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(MAX_CONCURRENT))
+    in_flight: int = 0
+    max_in_flight: int = 0
 
 
 @dataclass
@@ -157,6 +163,7 @@ class CallResult:
     status: str = ""
     reason: str = ""
     auth_ms: float | None = None
+    auth_span: tuple[float, float] | None = None  # Asterisk's clock (unix time)
     billsec: int | None = None
     settled_at: float | None = None
     error: str = ""
@@ -239,6 +246,8 @@ async def one_call(server: Server, account: str, client: RedisClient) -> CallRes
     result = CallResult(server.name, account, tag, time.monotonic())
     step = "Originate"
     async with server.up:
+        server.in_flight += 1
+        server.max_in_flight = max(server.max_in_flight, server.in_flight)
         try:
             resp = await events.ami.action(
                 "Originate", Channel=f"Local/{NUMBER}@prepaid-outbound", Application="Wait",
@@ -253,7 +262,8 @@ async def one_call(server: Server, account: str, client: RedisClient) -> CallRes
             status = await events.wait(uid, is_event("VarSet", Variable="PREPAID_STATUS"), 15)
             reason = await events.wait(uid, is_event("VarSet", Variable="PREPAID_REASON"), 15)
             result.status, result.reason = status["Value"], reason["Value"]
-            result.auth_ms = 1000 * (float(status["Timestamp"]) - float(agi["Timestamp"]))
+            result.auth_span = (float(agi["Timestamp"]), float(status["Timestamp"]))
+            result.auth_ms = 1000 * (result.auth_span[1] - result.auth_span[0])
             step = "its hangup"
             await events.wait(uid, is_event("Hangup"), CALL_SECONDS + 30)
             if result.status != "ALLOWED":
@@ -266,6 +276,8 @@ async def one_call(server: Server, account: str, client: RedisClient) -> CallRes
         except RuntimeError as exc:
             result.error = str(exc)
             return result
+        finally:
+            server.in_flight -= 1
     key = f"prepaid:callref:{result.uid}"
     deadline = time.monotonic() + 30
     while True:  # metering settles the call: its record's state becomes 'ended'
@@ -286,9 +298,18 @@ class Probe:
     ledger: Ledger
     account: str
     acknowledged: set[str] = field(default_factory=set)
-    killed_at: float | None = None
-    first_ok_after_kill: float | None = None
+    acked_at: list[float] = field(default_factory=list)  # monotonic
+    killed_at: float | None = None  # monotonic
+    killed_wall: float = 0.0
+    healthy_wall: float = 0.0
     failures: int = 0
+
+    def pause(self) -> float:
+        """The longest a ledger write waited for the ledger around the kill: the widest
+        gap between two acknowledged probe writes from just before the kill on."""
+        assert self.killed_at is not None
+        times = [t for t in self.acked_at if t >= self.killed_at - 1.0]
+        return max((b - a for a, b in zip(times, times[1:], strict=False)), default=0.0)
 
     async def run(self, stop: asyncio.Event) -> None:
         n = 0
@@ -298,8 +319,7 @@ class Probe:
                 try:
                     await self.ledger.credit(self.account, 1, key=key, ref="bench probe")
                     self.acknowledged.add(key)
-                    if self.killed_at is not None and self.first_ok_after_kill is None:
-                        self.first_ok_after_kill = time.monotonic()
+                    self.acked_at.append(time.monotonic())
                     break
                 except StoreUnavailable:
                     self.failures += 1
@@ -346,9 +366,11 @@ async def _run(rig: Rig) -> dict[str, Any]:
 
         async def kill_midway() -> float:
             await halfway.wait()
-            probe.killed_at = time.monotonic()
+            probe.killed_at, probe.killed_wall = time.monotonic(), time.time()
             await asyncio.to_thread(rig.cluster.kill, victim)
-            return await asyncio.to_thread(rig.cluster.wait_healthy, 60.0)
+            took = await asyncio.to_thread(rig.cluster.wait_healthy, 60.0)
+            probe.healthy_wall = time.time()
+            return took
 
         heal = asyncio.create_task(kill_midway(), name="bench-scale-kill")
         await asyncio.gather(*(offer(s, i) for i, s in enumerate(rig.servers)))
@@ -412,16 +434,22 @@ async def _run(rig: Rig) -> dict[str, Any]:
     probe_lost = probe.acknowledged - applied
 
     auth = [r.auth_ms for r in results if r.auth_ms is not None and r.status == "ALLOWED"]
+    calm = [r.auth_ms for r in results if r.auth_ms is not None and r.status == "ALLOWED"
+            and r.auth_span is not None and (r.auth_span[1] < probe.killed_wall
+                                             or r.auth_span[0] > probe.healthy_wall)]
+    held = 0
+    for acct in accounts:
+        held += (await retry("account", lambda a=acct: ledger.get(a))).held
     server_ms: list[float] = []
     for server in rig.servers:
         for m in AGI_LOG.finditer(server.log.read_text(errors="replace")):
             if m.group(2) == "ALLOWED":
                 server_ms.append(float(m.group(3)))
     refused = [r for r in results if r.status and r.status != "ALLOWED"]
-    settled = [r.settled_at for r in completed if r.settled_at is not None]
+    settled = sorted(r.settled_at for r in completed if r.settled_at is not None)
+    steady = ((len(settled) - 1) / (settled[-1] - settled[0])
+              if len(settled) > 1 and settled[-1] > settled[0] else 0.0)
     span = (max(settled) - started) if settled else 0.0
-    pause = (probe.first_ok_after_kill - probe.killed_at
-             if probe.first_ok_after_kill is not None else None)
     return {
         "servers": len(rig.servers),
         "cluster": "3 primaries + 3 replicas, node timeout 1 s",
@@ -429,6 +457,7 @@ async def _run(rig: Rig) -> dict[str, Any]:
         "offered_rate_per_s": RATE_PER_SERVER * len(rig.servers),
         "offer_seconds": round(offer_seconds, 2),
         "max_concurrent_per_server": MAX_CONCURRENT,
+        "max_up_per_server": max(s.max_in_flight for s in rig.servers),
         "call_seconds": CALL_SECONDS,
         "accounts": ACCOUNTS,
         "accounts_on_killed_primary": on_victim,
@@ -439,12 +468,15 @@ async def _run(rig: Rig) -> dict[str, Any]:
         "errors": sorted({r.error for r in results if r.error})[:3],
         "calls_completed_verified": len(completed),
         "completed_calls_per_s": round(len(completed) / span, 2) if span else 0.0,
+        "settling_rate_per_s": round(steady, 2),
         "run_seconds": round(span, 2),
         "auth_p50_ms": round(percentile(auth, 50), 1),
         "auth_p99_ms": round(percentile(auth, 99), 1),
+        "auth_outside_failover_p50_ms": round(percentile(calm, 50), 1),
+        "auth_outside_failover_p99_ms": round(percentile(calm, 99), 1),
         "auth_server_p50_ms": round(percentile(server_ms, 50), 1),
         "auth_server_p99_ms": round(percentile(server_ms, 99), 1),
-        "failover_client_pause_s": round(pause, 2) if pause is not None else None,
+        "failover_client_pause_s": round(probe.pause(), 2),
         "failover_healthy_after_s": round(heal_wait, 2),
         "probe_writes_acknowledged": len(probe.acknowledged),
         "probe_writes_lost": len(probe_lost),
@@ -452,6 +484,7 @@ async def _run(rig: Rig) -> dict[str, Any]:
         "call_blocks_lost": lost_blocks,
         "calls_not_logged": not_logged,
         "calls_charged_wrong": wrong_charge,
+        "holds_left": held,
     }
 
 
