@@ -462,3 +462,33 @@ async def test_duplicated_and_reordered_events_bill_exactly_once(
             # (and refunded at settlement): parallel calls may then run short of credit and
             # be told to hang up; only the scenario's own callers, never anything else.
             assert hangups <= {c.channel for c in sc.calls}, variant
+
+
+async def test_cutoff_is_decided_before_the_recorded_hangup(ledger: Ledger) -> None:
+    """The replayed listener hangs the caller up at the same point as the live one did: while
+    handling the events that the live cut-off caused, before the caller's Hangup event, once
+    the block after the paid credit (block 4: 1.05 + 3 x 1.00 = the opening 3.05) is due."""
+    sc = scenario("cutoff-for-credit")
+    [c] = sc.calls
+    await prepare(ledger, sc)
+    sent = Sent()
+    meter = Meter(ledger, commands=sent)
+    events = sc.events
+    hangup_at = next(i for i, m in enumerate(events)
+                     if m.get("Event") == "Hangup" and m.get("Uniqueid") == c.ref)
+    answered = next(m for m in events if m.get("Event") == "DialEnd"
+                    and m.get("Uniqueid") == c.ref and m.get("DialStatus") == "ANSWER")
+    decided = None
+    for i, msg in enumerate(events):
+        await meter.handle(msg)
+        if decided is None and sent.named("Hangup"):
+            decided = i
+    assert decided is not None and decided < hangup_at
+    when = timestamp_us(events[decided]["Timestamp"])
+    start = timestamp_us(answered["Timestamp"])
+    assert when is not None and start is not None
+    assert 3_000_000 < when - start < 3_000_000 + 1_000_000  # in block 4's first second
+    assert sent.named("Hangup") == [{"Channel": c.channel, "Cause": "16"}]
+    settled = meter.settled[-1]
+    assert (settled.cutoff, settled.blocks, settled.cost) == (4, 3, cost(c.rate, 3))
+    assert (await ledger.get(c.account)).balance == 0
