@@ -14,7 +14,7 @@ from rich.table import Table
 from bench.common import save
 
 # Each module has run() -> dict of figures; missing modules are skipped with a note.
-BENCHMARKS = ["ledger", "agi", "ami", "policy", "e2e"]
+BENCHMARKS = ["ledger", "agi", "ami", "policy", "e2e", "scale"]
 
 
 def main(argv: list[str]) -> int:
@@ -45,7 +45,8 @@ def main(argv: list[str]) -> int:
         for key, value in figures.items():
             table.add_row(name, key, str(value))
     console.print(table)
-    path = save("latest", results)
+    # A subset run keeps its own file, so it never hides the figures of a full run.
+    path = save("latest" if not argv else "-".join(names), results)
     console.print(f"written to {path}")
     return 1 if failed else 0
 
