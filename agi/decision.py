@@ -32,6 +32,7 @@ class Reason(StrEnum):
     NO_RATE = "NO_RATE"
     INTERNAL = "INTERNAL"
     FAIL_OPEN = "FAIL_OPEN"
+    IN_CALL = "IN_CALL"  # the channel is already a metered prepaid call (e.g. transferred)
 
 
 @dataclass(frozen=True, slots=True)

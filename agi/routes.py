@@ -95,8 +95,13 @@ async def _store_phase(store: Store, account_id: str, number: str, ref: str, pol
         progress.reserving = False
         if exc.code in ("NO_CREDIT", "SUSPENDED"):
             return deny(Reason(exc.code), policy)
+        if exc.code == "IDEM_CONFLICT":  # authorized before, for another destination
+            return _in_call(ref, account_id, policy)
         log.warning("call %s from %s: reservation refused: %s", ref, account_id, exc)
         return deny(Reason.INTERNAL, policy)
+    if change.duplicate:
+        progress.reserving = False  # the hold is the live call's, not this attempt's
+        return _in_call(ref, account_id, policy)
     progress.reserved = True
     # The credit this call may use: what is not held by the account's other live calls.
     decision = decide(status=account.status, balance=account.balance,
@@ -106,6 +111,15 @@ async def _store_phase(store: Store, account_id: str, number: str, ref: str, pol
         account=account_id, number=number, digits=digits, rate=rate, hold=change.hold_amount,
         max_seconds=decision.max_seconds, channel="", uniqueid=ref)
     return decision
+
+
+def _in_call(ref: str, account_id: str, policy: Policy) -> Decision:
+    """This channel was authorized before: a live metered call that came back into the
+    dialplan (a transfer into [prepaid-outbound]). Authorizing it again would reset its
+    live-call record, so it is refused and its first authorization stands."""
+    log.warning("call %s from %s: already authorized once; refused (transferred into the "
+                "prepaid context?)", ref, account_id)
+    return deny(Reason.IN_CALL, policy)
 
 
 async def _release(store: Store, progress: _Progress, ref: str, why: str) -> None:

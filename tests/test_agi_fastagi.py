@@ -331,3 +331,23 @@ async def test_unknown_route_sends_nothing(agi: tuple[Store, AgiServer]) -> None
     peer = AgiPeer(agi_env("u1", "123", script="nonsense"))
     assert await peer.call(server.port) == []
     assert peer.closed_by_server
+
+
+async def test_a_live_call_transferred_back_into_the_context_is_not_authorized_again(
+        agi: tuple[Store, AgiServer]) -> None:
+    store, server = agi
+    await account(store, "1001", EUR)
+    first = AgiPeer(agi_env("r-live", "00491701234567"))
+    await first.call(server.port)
+    assert first.set_vars["PREPAID_STATUS"] == "ALLOWED"
+    key = "prepaid:callref:r-live"
+    await store.redis.hset(key, mapping={"state": "answered", "blocks_paid": "2"})
+    again = AgiPeer(agi_env("r-live", "00441234567890"))  # same channel, new destination
+    commands = await again.call(server.port)
+    assert (again.set_vars["PREPAID_STATUS"], again.set_vars["PREPAID_REASON"]) == (
+        "DENIED", "IN_CALL")
+    assert commands[-3:] == DENY_TAIL
+    assert await store.ledger.holds("1001") == {"call:r-live": 160_000}  # one hold, kept
+    record = await store.redis.hgetall(key)
+    assert (record[b"state"], record[b"blocks_paid"], record[b"number"]) == (
+        b"answered", b"2", b"00491701234567")  # the live call's record is untouched
