@@ -16,7 +16,10 @@ from typing import Any
 
 from agi import callrecord
 from agi.callrecord import CallRecord, hold_id
+from ami_listener.meter import Meter
 from ami_listener.protocol import Message, MessageSplitter, encode, split, timestamp_us
+from ami_listener.runners import LiveRunner
+from prepaid.config import AmiSettings
 from prepaid.ledger import Ledger
 from prepaid.rating import Rate, block_cost
 
@@ -241,3 +244,41 @@ async def wait_until(condition: Callable[[], Awaitable[bool]], within: float = 5
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(f"timed out after {within} s waiting for {what}")
         await asyncio.sleep(0.01)
+
+
+class Sent:
+    """AMI actions the meter sent, in order."""
+
+    def __init__(self) -> None:
+        self.actions: list[tuple[str, dict[str, str]]] = []
+
+    def send(self, name: str, **headers: str) -> str:
+        self.actions.append((name, headers))
+        return str(len(self.actions))
+
+    def named(self, name: str) -> list[dict[str, str]]:
+        return [h for n, h in self.actions if n == name]
+
+
+class Listener:
+    """A LiveRunner task the test starts and stops (as ``prepaid serve`` would)."""
+
+    def __init__(self, ledger: Ledger, peer: AmiPeer) -> None:
+        self.meter = Meter(ledger)
+        settings = AmiSettings(host="127.0.0.1", port=peer.port, username="prepaid",
+                               secret="s3cret", reconnect_max_seconds=0.2)
+        self.runner = LiveRunner(self.meter, settings, tick=0.02, min_backoff=0.02)
+        self.stop = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Listener:
+        self.task = asyncio.create_task(self.runner.run(self.stop))
+        async with asyncio.timeout(5):
+            await self.runner.connected.wait()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.stop.set()
+        assert self.task is not None
+        async with asyncio.timeout(5):
+            await self.task  # clean shutdown; re-raises anything the runner hit

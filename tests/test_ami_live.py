@@ -22,6 +22,7 @@ from tests.ami_peer import (
     PER_SECOND,
     RECORDINGS,
     AmiPeer,
+    Listener,
     Recording,
     authorize,
     load,
@@ -40,30 +41,6 @@ async def peer() -> AsyncIterator[AmiPeer]:
     await p.start()
     yield p
     await p.stop()
-
-
-class Listener:
-    """A LiveRunner task the test starts and stops (as ``prepaid serve`` would)."""
-
-    def __init__(self, ledger: Ledger, peer: AmiPeer) -> None:
-        self.meter = Meter(ledger)
-        settings = AmiSettings(host="127.0.0.1", port=peer.port, username="prepaid",
-                               secret="s3cret", reconnect_max_seconds=0.2)
-        self.runner = LiveRunner(self.meter, settings, tick=0.02, min_backoff=0.02)
-        self.stop = asyncio.Event()
-        self.task: asyncio.Task[None] | None = None
-
-    async def __aenter__(self) -> Listener:
-        self.task = asyncio.create_task(self.runner.run(self.stop))
-        async with asyncio.timeout(5):
-            await self.runner.connected.wait()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.stop.set()
-        assert self.task is not None
-        async with asyncio.timeout(5):
-            await self.task  # clean shutdown; re-raises anything the runner hit
 
 
 async def ended(ledger: Ledger, ref: str) -> bool:

@@ -10,25 +10,11 @@ from ami_listener.runners import replay
 from ami_listener.tracker import US
 from prepaid.ledger import Ledger
 from prepaid.rating import Rate, block_cost, cost
-from tests.ami_peer import FIXTURES, PER_SECOND, RECORDINGS, authorize, load, open_account
+from tests.ami_peer import FIXTURES, PER_SECOND, RECORDINGS, Sent, authorize, load, open_account
 
 SHARED = FIXTURES / "shared"
 
 START = 10_000_000  # 10.00
-
-
-class Sent:
-    """AMI actions the meter sent, in order."""
-
-    def __init__(self) -> None:
-        self.actions: list[tuple[str, dict[str, str]]] = []
-
-    def send(self, name: str, **headers: str) -> str:
-        self.actions.append((name, headers))
-        return str(len(self.actions))
-
-    def named(self, name: str) -> list[dict[str, str]]:
-        return [h for n, h in self.actions if n == name]
 
 
 @pytest.mark.parametrize("path", RECORDINGS, ids=lambda p: p.parent.name + "/" + p.stem)

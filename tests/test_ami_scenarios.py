@@ -9,7 +9,6 @@ and are checked against what the live run charged.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,16 +19,17 @@ import pytest
 from agi.callrecord import record_key
 from ami_listener.meter import Meter, calls_key
 from ami_listener.protocol import Message, timestamp_us
-from ami_listener.runners import LiveRunner, replay
+from ami_listener.runners import replay
 from ami_listener.tracker import US
-from prepaid.config import AmiSettings
 from prepaid.ledger import Entry, Ledger
 from prepaid.rating import Rate, block_cost, cost
 from tests.ami_peer import (
     PROJECT,
     PROJECT_RECORDINGS,
     AmiPeer,
+    Listener,
     Recording,
+    Sent,
     authorize,
     load,
     open_account,
@@ -159,20 +159,6 @@ async def check_billed(ledger: Ledger, sc: Scenario) -> None:
         assert acct.balance >= -max(block_cost(c.rate, 2) for c in sc.calls), sc.name
 
 
-class Sent:
-    """AMI actions the meter sent, in order."""
-
-    def __init__(self) -> None:
-        self.actions: list[tuple[str, dict[str, str]]] = []
-
-    def send(self, name: str, **headers: str) -> str:
-        self.actions.append((name, headers))
-        return str(len(self.actions))
-
-    def named(self, name: str) -> list[dict[str, str]]:
-        return [h for n, h in self.actions if n == name]
-
-
 def check_hangups(sc: Scenario, hangups: Sequence[Mapping[str, str]]) -> None:
     """Only the cut-off scenario makes the listener hang up, and only the caller channel."""
     if sc.name == "cutoff-for-credit":
@@ -239,30 +225,6 @@ async def peer() -> AsyncIterator[AmiPeer]:
     await p.start()
     yield p
     await p.stop()
-
-
-class Listener:
-    """A LiveRunner task the test starts and stops (as ``prepaid serve`` would)."""
-
-    def __init__(self, ledger: Ledger, peer: AmiPeer) -> None:
-        self.meter = Meter(ledger)
-        settings = AmiSettings(host="127.0.0.1", port=peer.port, username="prepaid",
-                               secret="s3cret", reconnect_max_seconds=0.2)
-        self.runner = LiveRunner(self.meter, settings, tick=0.02, min_backoff=0.02)
-        self.stop = asyncio.Event()
-        self.task: asyncio.Task[None] | None = None
-
-    async def __aenter__(self) -> Listener:
-        self.task = asyncio.create_task(self.runner.run(self.stop))
-        async with asyncio.timeout(5):
-            await self.runner.connected.wait()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.stop.set()
-        assert self.task is not None
-        async with asyncio.timeout(5):
-            await self.task
 
 
 @pytest.mark.parametrize("name", NAMES)
