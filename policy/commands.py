@@ -6,6 +6,7 @@ tests drive them directly; the click wrappers only parse, print and turn errors 
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 from collections.abc import Awaitable, Callable
 from datetime import date
@@ -171,12 +172,24 @@ def describe(acct: Account) -> str:
 @click.option("--amount", default=None, help="Automatic top-up amount (e.g. 20).")
 @click.option("--email", default=None, help="Where warnings and receipts go.")
 @click.option("--on/--off", "enabled", default=None, help="Switch the policy on or off.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 def policy_cmd(account_id: str, threshold: str | None, action: str | None, amount: str | None,
-               email: str | None, enabled: bool | None) -> None:
+               email: str | None, enabled: bool | None, as_json: bool) -> None:
     """Show or set ACCOUNT_ID's low-balance policy."""
     acct = _run(lambda st: set_policy(st, account_id, threshold=threshold, action=action,
                                       amount=amount, email=email, enabled=enabled))
+    if as_json:
+        _emit_json(acct, "policy")
+        return
     click.echo(describe(acct))
+
+
+def _emit_json(acct: Account, part: str) -> None:
+    from prepaid.cli import account_json  # the CLI imports this module: import late
+
+    data = account_json(acct)
+    click.echo(json.dumps({"account": acct.id, "email": acct.email, part: data[part]},
+                          indent=2, sort_keys=True))
 
 
 @click.group("card")
@@ -201,9 +214,13 @@ def card_set(account_id: str, token: str, brand: str, last4: str, exp: str) -> N
 
 @card_group.command("show")
 @click.argument("account_id")
-def card_show(account_id: str) -> None:
-    """Show ACCOUNT_ID's stored card."""
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+def card_show(account_id: str, as_json: bool) -> None:
+    """Show ACCOUNT_ID's stored card (never the token in full)."""
     acct = _run(lambda st: st.ledger.get(check_account_id(account_id)))
+    if as_json:
+        _emit_json(acct, "card")
+        return
     if not acct.has_card:
         click.echo(f"{acct.id}: no card stored")
         return

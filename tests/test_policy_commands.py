@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 import pytest
@@ -107,3 +108,17 @@ def test_a_card_number_is_never_stored(settings: Settings) -> None:
     assert not account(settings).has_card
     code, out = cli(settings, card_group, "show", "1001")
     assert out.strip() == "1001: no card stored"
+
+
+def test_policy_and_card_as_json_never_show_the_token(settings: Settings) -> None:
+    cli(settings, card_group, "set", "1001", "--token", "tok_ok", "--brand", "visa",
+        "--last4", "4242", "--exp", "12/39")
+    cli(settings, policy_cmd, "1001", "--threshold", "5", "--action", "email",
+        "--email", "bob@example.org")
+    code, out = cli(settings, policy_cmd, "1001", "--json")
+    assert code == 0, out
+    assert json.loads(out) == {"account": "1001", "email": "bob@example.org", "policy": {
+        "enabled": True, "action": "email", "threshold": "5.00", "topup_amount": "0.00"}}
+    code, out = cli(settings, card_group, "show", "1001", "--json")
+    assert json.loads(out)["card"] == {"brand": "visa", "last4": "4242", "exp": "12/39"}
+    assert "tok_ok" not in out
