@@ -30,9 +30,8 @@ from typing import Any
 
 from bench.common import percentile
 from prepaid.ledger import Ledger, connect
-from tests.demo import project_ami_user
 from tests.e2e.test_pbx_smoke import Ami, Message
-from tests.pbx import Pbx, free_port, pbx_unavailable_reason
+from tests.pbx import Pbx, free_port, pbx_unavailable_reason, project_ami_user
 from tests.servers import RedisServer
 
 CONCURRENT = 20

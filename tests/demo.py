@@ -39,7 +39,12 @@ from prepaid.money import format_amount
 from prepaid.ratedeck import Normalisation, parse_csv
 from prepaid.rating import cost
 from tests.e2e.test_pbx_smoke import Ami, Message
-from tests.pbx import PROJECT_CONF, Pbx, free_port, pbx_unavailable_reason, split_sections
+from tests.pbx import (
+    Pbx,
+    free_port,
+    pbx_unavailable_reason,
+    project_ami_user,
+)
 from tests.servers import RedisServer
 from tests.smtp_sink import SmtpSink
 
@@ -414,16 +419,6 @@ class Demo:
             self.smtp.stop()
         if self.redis is not None:
             self.redis.cleanup()
-
-
-def project_ami_user() -> tuple[str, str]:
-    for name, lines in split_sections((PROJECT_CONF / "manager.conf").read_text()):
-        if name and name.lower() != "general":
-            for line in lines:
-                m = re.match(r"\s*secret\s*=\s*(\S+)", line)
-                if m:
-                    return name, m.group(1)
-    raise RuntimeError("asterisk-conf/manager.conf has no AMI user with a secret")
 
 
 async def amain(console: Console) -> int:

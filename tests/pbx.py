@@ -297,6 +297,17 @@ def split_sections(text: str) -> list[tuple[str | None, list[str]]]:
     return out
 
 
+def project_ami_user() -> tuple[str, str]:
+    """The metering user of asterisk-conf/manager.conf (not the test bed's all-rights user)."""
+    for name, lines in split_sections((PROJECT_CONF / "manager.conf").read_text()):
+        if name and name.lower() != "general":
+            for line in lines:
+                m = re.match(r"\s*secret\s*=\s*(\S+)", line)
+                if m:
+                    return name, m.group(1)
+    raise PbxError("asterisk-conf/manager.conf has no AMI user with a secret")
+
+
 def _conf_key(line: str) -> str | None:
     m = re.match(r"\s*([A-Za-z0-9_.-]+)\s*=>?", line)
     return m.group(1).lower() if m else None

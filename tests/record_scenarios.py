@@ -534,7 +534,7 @@ async def main_async(out: Path, names: list[str]) -> None:
 
 
 def _project_secret() -> str:
-    from tests.e2e.test_system_e2e import project_ami_user
+    from tests.pbx import project_ami_user
 
     user, secret = project_ami_user()
     assert user == "prepaid", user

@@ -39,7 +39,7 @@ from prepaid.rating import Rate, cost
 from prepaid.serve import run_services
 from prepaid.store import Store, open_store
 from tests.e2e.test_pbx_smoke import Ami, Message, event
-from tests.pbx import PROJECT_CONF, Pbx, free_port, split_sections
+from tests.pbx import Pbx, free_port, project_ami_user
 from tests.smtp_sink import SmtpSink, body_text
 
 pytestmark = pytest.mark.pbx
@@ -65,18 +65,6 @@ NORM = Normalisation(("+", "00"), "", "")
 
 def rate_for(number: str) -> Rate:
     return DECK.lookup(number, NORM)
-
-
-def project_ami_user() -> tuple[str, str]:
-    """The metering user of asterisk-conf/manager.conf (not the test bed's all-rights user)."""
-    text = (PROJECT_CONF / "manager.conf").read_text()
-    for name, lines in split_sections(text):
-        if name and name.lower() != "general":
-            for line in lines:
-                m = re.match(r"\s*secret\s*=\s*(\S+)", line)
-                if m:
-                    return name, m.group(1)
-    raise AssertionError("asterisk-conf/manager.conf has no user with a secret")
 
 
 def config_for(redis_url: str, pbx: Pbx, agi_port: int, smtp_port: int,

@@ -37,14 +37,13 @@ from tests.e2e.test_system_e2e import (
     DECK,
     EUR,
     config_for,
-    project_ami_user,
     rate_for,
     serve_process,
     spent,
     toml_text,
     until,
 )
-from tests.pbx import Pbx, free_port
+from tests.pbx import Pbx, free_port, project_ami_user
 
 pytestmark = pytest.mark.pbx
 
