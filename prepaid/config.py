@@ -67,6 +67,16 @@ class AmiSettings:
     # The systemname of this Asterisk (asterisk.conf); with several servers on one Redis,
     # each listener resumes and settles only the calls whose uniqueid carries its name.
     system_name: str = ""
+    # A restart, crash or dropped AMI session shorter than this drops no live call: each
+    # call's hard limit (TIMEOUT(absolute)) runs this long past its paid time, so the
+    # overspend while the listener is away is at most this many seconds a call.
+    grace_seconds: int = 30
+    # cdr_custom's prepaid.csv (asterisk-conf/cdr_custom.conf): how calls that ended while
+    # the listener was away are billed their CDR billsec. Empty: not read.
+    cdr_file: Path | None = None
+    # Events read but not yet metered; when full, metering is 'behind' and new calls are
+    # refused until it has caught up.
+    queue_size: int = 20_000
 
 
 @dataclass(frozen=True)
@@ -82,6 +92,10 @@ class AgiSettings:
     ring_seconds: int = 60  # Dial's ring timeout; part of the call's first TIMEOUT(absolute)
     command_timeout: float = 30.0
     max_connections: int = 1000
+    # Refuse new calls (ERROR, NO_METERING) once this server's metering has been away, or
+    # behind, for longer than this; allow_unmetered = true lets them through unbilled.
+    metering_stale_seconds: float = 5.0
+    allow_unmetered: bool = False
 
     @property
     def host(self) -> str:

@@ -55,7 +55,7 @@ OWNED_CONFS = frozenset(
 )
 # manager.conf [general] keys the test bed must control.
 MANAGER_CONTROLLED = frozenset(
-    {"enabled", "webenabled", "bindaddr", "port", "timestampevents", "tlsenable",
+    {"enabled", "webenabled", "bindaddr", "port", "tlsenable",
      "tlsbindaddr", "httptimeout"}
 )
 AGI_URL = re.compile(r"agi://[^/\s,)\"']+")
@@ -610,6 +610,7 @@ class Pbx:
             "AGI_HOST": self.agi_host,
             "AGI_PORT": str(self.agi_port),
             "HANGUP_AFTER": str(self.hangup_after),
+            "TRUNK_GLOBALS": "PREPAID_DIAL_PREFIX = Local/\nPREPAID_DIAL_SUFFIX =",
             "RTP_START": "10000",
             "RTP_END": "20000",
             "SYSTEM_NAME": (f"systemname = {self.system_name}" if self.system_name

@@ -34,11 +34,14 @@ def test_lint_does_catch_a_broken_dialplan(tmp_path: Path) -> None:
 def test_dialplan_uses_the_agi_global_and_the_contract_variables() -> None:
     text = (CONF / "extensions.conf").read_text()
     assert re.search(r"^PREPAID_AGI=agi://127\.0\.0\.1:4573$", text, re.M)
-    assert re.search(r"^PREPAID_TRUNK=\S+$", text, re.M)
+    # chan_pjsip dials PJSIP/<number>@<endpoint> ("PJSIP/my-trunk/<number>" is an invalid URI)
+    assert re.search(r"^PREPAID_DIAL_PREFIX=PJSIP/$", text, re.M)
+    assert re.search(r"^PREPAID_DIAL_SUFFIX=@\S+$", text, re.M)
     agi_calls = re.findall(r"AGI\(([^)]*)\)", text)
     assert agi_calls == ["${PREPAID_AGI}/authorize", "${PREPAID_AGI}/balance"]
     assert "Set(TIMEOUT(absolute)=${PREPAID_TIMEOUT})" in text
-    assert "Dial(${PREPAID_TRUNK}/${EXTEN},${PREPAID_RING_SECONDS})" in text
+    assert ("Dial(${PREPAID_DIAL_PREFIX}${EXTEN}${PREPAID_DIAL_SUFFIX},${PREPAID_RING_SECONDS})"
+            in text)
     assert "[prepaid-outbound]" in text and "exten => *100," in text
 
 
