@@ -11,6 +11,14 @@ the host's loopback, so a FastAGI server, an AMI client or SIPp on the host reac
         pbx.cli("core show channels")
         ...  # AMI on 127.0.0.1:pbx.ami_port as pbx.ami_username / pbx.ami_secret
 
+Two trunk modes. `trunk="local"` (the default): the project's Dial goes to a Local channel
+into the test-bed dialplan ([testbed-trunk] in tests/pbx_conf/extensions.conf). `trunk="sip"`:
+the shipped `Dial(PJSIP/<number>@my-trunk)` is used unchanged and `my-trunk` is a PJSIP
+endpoint whose contact is a far-end SIPp on 127.0.0.1:pbx.farend_port (tests/sipload.py
+starts it); callers are PJSIP endpoints named by their account (`sip_accounts`), found by
+the From user name, each with `accountcode = <account>`. Asterisk's own CDRs are in
+`pbx.cdrs()` (cdr_csv's Master.csv).
+
 The mirror is read from the machine's apt sources at run time.
 """
 
@@ -18,6 +26,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import csv
 import fcntl
 import json
 import os
@@ -29,7 +38,8 @@ import socket
 import subprocess
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
@@ -59,10 +69,47 @@ MANAGER_CONTROLLED = frozenset(
      "tlsbindaddr", "httptimeout"}
 )
 AGI_URL = re.compile(r"agi://[^/\s,)\"']+")
+TRUNKS = ("local", "sip")
+# Account ids become PJSIP section names and From user names: keep them plain.
+SIP_ACCOUNT = re.compile(r"[A-Za-z0-9_.+-]{1,40}")
+# cdr_csv's columns in Asterisk 22 (cdr/cdr_csv.c, build_csv_record) with loguniqueid = yes
+# and loguserfield/newcdrcolumns off, as tests/pbx_conf/cdr.conf sets them; checked against
+# a real Master.csv by tests/e2e/test_sip_billing.py.
+CDR_CSV_COLUMNS = ("accountcode", "src", "dst", "dcontext", "clid", "channel", "dstchannel",
+                   "lastapp", "lastdata", "start", "answer", "end", "duration", "billsec",
+                   "disposition", "amaflags", "uniqueid")
 
 
 class PbxError(RuntimeError):
     """The test bed could not be built or Asterisk did not start/answer."""
+
+
+@dataclass(frozen=True)
+class Cdr:
+    """One row of cdr_csv's Master.csv: Asterisk's own record of a call (times in UTC,
+    whole seconds; billsec is answer to end, truncated to the second by Asterisk)."""
+
+    uniqueid: str
+    accountcode: str
+    src: str
+    dst: str
+    dcontext: str
+    clid: str
+    channel: str
+    dstchannel: str
+    lastapp: str
+    lastdata: str
+    start: str
+    answer: str
+    end: str
+    duration: int
+    billsec: int
+    disposition: str
+    amaflags: str
+
+    @property
+    def answered(self) -> bool:
+        return self.disposition == "ANSWERED"
 
 
 # --------------------------------------------------------------------------- root folder
@@ -353,9 +400,19 @@ class Pbx:
         project_sounds: Path | None = PROJECT_SOUNDS,
         boot_timeout: float = 60.0,
         system_name: str = "",
+        trunk: str = "local",
+        sip_accounts: Iterable[str] = (),
     ) -> None:
         if system_name and not re.fullmatch(r"[A-Za-z0-9_.-]+", system_name):
             raise PbxError(f"system_name {system_name!r}: letters, digits, '_', '.', '-' only")
+        if trunk not in TRUNKS:
+            raise PbxError(f"trunk {trunk!r}: one of {', '.join(TRUNKS)}")
+        accounts = list(dict.fromkeys(sip_accounts))
+        bad = [a for a in accounts if not SIP_ACCOUNT.fullmatch(a) or a in ("sipp", "my-trunk")]
+        if bad:
+            raise PbxError(f"sip_accounts {bad!r}: plain names only (letters, digits, _.+-)")
+        if accounts and trunk != "sip":
+            raise PbxError("sip_accounts need trunk='sip'")
         self.root = ensure_rootfs(root)
         self.agi_host = agi_host
         self.agi_port = agi_port
@@ -366,9 +423,13 @@ class Pbx:
         self.boot_timeout = boot_timeout
         # Asterisk's `systemname` (asterisk.conf): it prefixes every uniqueid with it.
         self.system_name = system_name
+        self.trunk = trunk
+        self.sip_accounts = tuple(accounts)
         self.ami_port = 0
         self.sip_port = 0
         self.sipp_port = 0
+        # trunk="sip": where my-trunk sends its INVITEs (the far-end SIPp's UDP port).
+        self.farend_port = 0
         self.ami_secret = secrets.token_hex(12)
         self.run_id = ""
         self.proc: subprocess.Popen[bytes] | None = None
@@ -398,6 +459,17 @@ class Pbx:
         return self.run_dir / "log" / "messages"
 
     @property
+    def cdr_csv_path(self) -> Path:
+        """cdr_csv's Master.csv (tests/pbx_conf/cdr.conf): what tests check charges against."""
+        return self.run_dir / "log" / "cdr-csv" / "Master.csv"
+
+    @property
+    def cdr_custom_path(self) -> Path:
+        """cdr_custom's prepaid.csv (the shipped asterisk-conf/cdr_custom.conf), host side:
+        the product's listener reads it ([ami] cdr_file); tests check against Master.csv."""
+        return self.run_dir / "log" / "cdr-custom" / "prepaid.csv"
+
+    @property
     def sounds_dir(self) -> Path:
         """Asterisk's sounds directory on the host side; project prompts are in `prepaid/`."""
         return self.root / SOUNDS_DIR.lstrip("/")
@@ -424,12 +496,16 @@ class Pbx:
             raise PbxError("already started")
         self._prune_runs()
         self.run_id = f"{os.getpid()}-{secrets.token_hex(4)}"
-        for sub in ("etc", "run", "log", "spool", "db", "cache"):
+        # cdr_csv and cdr_custom write into these but never create them (Debian's package
+        # does, under /var/log/asterisk).
+        for sub in ("etc", "run", "log", "log/cdr-csv", "log/cdr-custom", "spool", "db",
+                    "cache"):
             (self.run_dir / sub).mkdir(parents=True, exist_ok=True)
         (self.run_dir / "owner.pid").write_text(f"{os.getpid()}\n")
         self.ami_port = free_port(socket.SOCK_STREAM)
         self.sip_port = free_port(socket.SOCK_DGRAM)
         self.sipp_port = free_port(socket.SOCK_DGRAM)
+        self.farend_port = free_port(socket.SOCK_DGRAM) if self.trunk == "sip" else 0
         self.write_config()
         self.install_sounds()
         out = (self.run_dir / "log" / "stdout").open("wb")
@@ -610,7 +686,9 @@ class Pbx:
             "AGI_HOST": self.agi_host,
             "AGI_PORT": str(self.agi_port),
             "HANGUP_AFTER": str(self.hangup_after),
-            "TRUNK_GLOBALS": "PREPAID_DIAL_PREFIX = Local/\nPREPAID_DIAL_SUFFIX =",
+            "TRUNK_GLOBALS": self._trunk_globals(),
+            "IDENTIFY_ORDER": "ip" if self.trunk == "local" else "username,ip",
+            "SIP_TRUNK": self._sip_trunk_conf(),
             "RTP_START": "10000",
             "RTP_END": "20000",
             "SYSTEM_NAME": (f"systemname = {self.system_name}" if self.system_name
@@ -635,6 +713,22 @@ class Pbx:
         files["extensions.conf"] = self._extensions_conf(project.get("extensions.conf"), values)
         for name, text in files.items():
             (self.etc_dir / name).write_text(text)
+
+    def _trunk_globals(self) -> str:
+        if self.trunk == "local":
+            return "PREPAID_DIAL_PREFIX = Local/\nPREPAID_DIAL_SUFFIX ="
+        return ("; trunk=sip: the shipped PREPAID_DIAL_PREFIX/SUFFIX stand "
+                "(Dial(PJSIP/<number>@my-trunk))")
+
+    def _sip_trunk_conf(self) -> str:
+        """trunk="sip": my-trunk (to the far-end SIPp) and one endpoint per account."""
+        if self.trunk == "local":
+            return "; trunk=local: no my-trunk, no account endpoints"
+        values = {"FAREND_PORT": str(self.farend_port), "SIP_CONTEXT": self.sip_context}
+        parts = [_render("pjsip_trunk.conf.in", values)]
+        for account in self.sip_accounts:
+            parts.append(_render("pjsip_account.conf.in", {**values, "ACCOUNT": account}))
+        return "\n".join(parts)
 
     def _moddir(self) -> str:
         for cand in sorted((self.root / "usr/lib").glob("*/asterisk/modules")):
@@ -692,6 +786,43 @@ class Pbx:
             "",
         ]
         return "\n".join([*header, *out, "", _render("extensions.conf", values)])
+
+    # -- CDRs --------------------------------------------------------------------------
+    def cdr_rows(self) -> list[Cdr]:
+        """Every row of Master.csv so far, in the order Asterisk wrote them."""
+        try:
+            text = self.cdr_csv_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return []
+        if not text.endswith("\n"):
+            text = text[:text.rfind("\n") + 1]  # a record being written right now
+        rows = []
+        for n, fields in enumerate(csv.reader(text.splitlines()), 1):
+            if not fields:
+                continue
+            if len(fields) != len(CDR_CSV_COLUMNS):
+                raise PbxError(f"{self.cdr_csv_path}:{n}: {len(fields)} columns, expected "
+                               f"{len(CDR_CSV_COLUMNS)} ({', '.join(CDR_CSV_COLUMNS)})")
+            d = dict(zip(CDR_CSV_COLUMNS, fields, strict=True))
+            rows.append(Cdr(
+                uniqueid=d["uniqueid"], accountcode=d["accountcode"], src=d["src"],
+                dst=d["dst"], dcontext=d["dcontext"], clid=d["clid"], channel=d["channel"],
+                dstchannel=d["dstchannel"], lastapp=d["lastapp"], lastdata=d["lastdata"],
+                start=d["start"], answer=d["answer"], end=d["end"],
+                duration=int(d["duration"]), billsec=int(d["billsec"]),
+                disposition=d["disposition"], amaflags=d["amaflags"]))
+        return rows
+
+    def cdrs(self) -> dict[str, Cdr]:
+        """Master.csv keyed by the caller channel's uniqueid (the call's PREPAID_CALLREF).
+        A uniqueid with several rows (a forked CDR) raises: no test bed call makes one."""
+        out: dict[str, Cdr] = {}
+        for cdr in self.cdr_rows():
+            if cdr.uniqueid in out:
+                raise PbxError(f"uniqueid {cdr.uniqueid} has several CDRs: "
+                               f"{out[cdr.uniqueid]} and {cdr}")
+            out[cdr.uniqueid] = cdr
+        return out
 
     def install_sounds(self) -> list[Path]:
         """Copy the project's prompts (sounds/*.wav, *.ulaw, ...) to `sounds_dir/prepaid/`,
