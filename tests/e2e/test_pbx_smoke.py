@@ -179,7 +179,8 @@ async def test_ami_originate_events_cdr_and_playback(
 async def test_trunk_variants_via_prepaid_trunk(
     pbx: Pbx, ami: Ami, number: str, dialstatus: str
 ) -> None:
-    """Dial(${PREPAID_TRUNK}/<number>) as the project dialplan does reaches the fake trunk."""
+    """Dial(${PREPAID_DIAL_PREFIX}<number>${PREPAID_DIAL_SUFFIX}) as the project dialplan
+    does reaches the fake trunk."""
     resp = await ami.action(
         "Originate", Channel=f"Local/{number}@testbed-dial", Application="Wait",
         Data="2", Async="true",
@@ -242,12 +243,13 @@ def test_record_ami_saves_raw_stream(pbx: Pbx, tmp_path: Path) -> None:
 
 PROJECT_EXTENSIONS = """\
 [globals]
-PREPAID_TRUNK = PJSIP/carrier
+PREPAID_DIAL_PREFIX = PJSIP/
+PREPAID_DIAL_SUFFIX = @carrier
 
 [prepaid-outbound]
 exten => _X.,1,NoOp(prepaid call to ${EXTEN} from ${CALLERID(num)})
  same => n,AGI(agi://127.0.0.1:4573/authorize)
- same => n,Dial(${PREPAID_TRUNK}/${EXTEN},10)
+ same => n,Dial(${PREPAID_DIAL_PREFIX}${EXTEN}${PREPAID_DIAL_SUFFIX},10)
  same => n,Hangup()
 """
 
@@ -268,7 +270,8 @@ async def test_project_conf_merged_and_fastagi_reached(
     make_pbx: Callable[..., Pbx], tmp_path: Path
 ) -> None:
     """The project's dialplan runs with its agi:// pointed at the test's FastAGI server and its
-    PREPAID_TRUNK replaced by the fake trunk; its AMI user exists; a SIPp call goes through."""
+    PREPAID_DIAL_PREFIX/SUFFIX replaced by the fake trunk's; its AMI user exists; a SIPp call
+    goes through."""
     conf = tmp_path / "asterisk-conf"
     conf.mkdir()
     (conf / "extensions.conf").write_text(PROJECT_EXTENSIONS)
