@@ -33,6 +33,7 @@ class Reason(StrEnum):
     INTERNAL = "INTERNAL"
     FAIL_OPEN = "FAIL_OPEN"
     IN_CALL = "IN_CALL"  # the channel is already a metered prepaid call (e.g. transferred)
+    NO_METERING = "NO_METERING"  # this server's metering is away or behind: it would go unbilled
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,7 +80,8 @@ def dial_limit(max_seconds: int, warning_ms: int) -> str:
 
 
 def deny(reason: Reason, policy: Policy) -> Decision:
-    status = Status.ERROR if reason is Reason.INTERNAL else Status.DENIED
+    # The caller's account is fine: the system cannot take (or bill) the call right now.
+    status = Status.ERROR if reason in (Reason.INTERNAL, Reason.NO_METERING) else Status.DENIED
     prompt = PROMPT_NO_CREDIT if reason is Reason.NO_CREDIT else PROMPT_REFUSED
     return Decision(status, reason, prompt=prompt, hangup=policy.hangup_on_deny)
 

@@ -15,7 +15,7 @@ import sys
 
 from agi.decision import Reason, Status
 from agi.protocol import MAX_LINE, AgiError, AgiSession, read_header
-from agi.routes import ROUTES, dispatch, new_outage_log
+from agi.routes import ROUTES, dispatch, new_context
 from prepaid import config
 from prepaid.errors import ConfigError
 from prepaid.store import open_store
@@ -78,7 +78,8 @@ async def serve_stdio(route: str) -> int:
         return 1
     store = await open_store(settings, check=False)
     try:
-        await dispatch(session, store, new_outage_log())
+        # One call per process: no metering heartbeat counts at once (watching_since=None).
+        await dispatch(session, store, new_context(store, watching_since=None))
     finally:
         await store.close()
     return 0

@@ -2,7 +2,8 @@
 
 A route talks to the channel through an :class:`AgiSession` and to Redis through the
 :class:`Store`; every Redis step is bounded by ``[agi] timeout`` and failures there are
-reported through one shared :class:`OutageLog`.
+reported through one shared :class:`OutageLog`. Before a call is authorized, this server's
+metering must be OK (:class:`prepaid.health.MeteringGate`): a call nobody meters would be free.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from agi.speech import balance_speech
 from prepaid import metrics
 from prepaid.config import Settings
 from prepaid.errors import InputError, LedgerError, RateError, StoreUnavailable, UnknownAccount
+from prepaid.health import MeteringGate
 from prepaid.ledger import check_account_id
 from prepaid.outage import OutageLog
 from prepaid.store import Store
@@ -48,6 +50,20 @@ def policy_of(settings: Settings) -> Policy:
 
 def new_outage_log() -> OutageLog:
     return OutageLog(log, "Redis / rate deck")
+
+
+@dataclass
+class RouteContext:
+    """What the calls of one FastAGI server (or one process AGI) share."""
+
+    outage: OutageLog
+    metering: MeteringGate
+
+
+def new_context(store: Store, *, watching_since: float | None) -> RouteContext:
+    """``watching_since``: see :class:`MeteringGate` (the FastAGI server's start, or None)."""
+    return RouteContext(new_outage_log(), MeteringGate.for_settings(
+        store.redis, store.settings, watching_since=watching_since))
 
 
 @dataclass
@@ -156,9 +172,10 @@ async def _set_variables(session: AgiSession, decision: Decision, account: str,
         await session.set_variable("PREPAID_TIMEOUT", str(decision.timeout))
 
 
-async def authorize(session: AgiSession, store: Store, outage: OutageLog) -> Decision:
+async def authorize(session: AgiSession, store: Store, ctx: RouteContext) -> Decision:
     """Decide whether the caller may dial, reserve the first block, tell the dialplan."""
     settings = store.settings
+    outage = ctx.outage
     policy = policy_of(settings)
     ref = session.env.get("agi_uniqueid", "").strip()
     number = dialed_number(session.args, session.env)
@@ -172,7 +189,14 @@ async def authorize(session: AgiSession, store: Store, outage: OutageLog) -> Dec
     else:
         try:
             async with asyncio.timeout(settings.agi.timeout):
-                decision = await _store_phase(store, account_id, number, ref, policy, progress)
+                # First, so a call that would go unbilled reserves nothing. The gate logs
+                # its changes once; with allow_unmetered the call goes on, unbilled.
+                metering = await ctx.metering.check()
+                if not metering.ok and not settings.agi.allow_unmetered:
+                    decision = deny(Reason.NO_METERING, policy)
+                else:
+                    decision = await _store_phase(store, account_id, number, ref, policy,
+                                                  progress)
                 if decision.allowed and progress.record is not None:
                     linkedid = await session.get_variable("CHANNEL(linkedid)") or ""
                     progress.record = record = dataclasses.replace(
@@ -209,8 +233,9 @@ async def authorize(session: AgiSession, store: Store, outage: OutageLog) -> Dec
     return decision
 
 
-async def balance(session: AgiSession, store: Store, outage: OutageLog) -> None:
+async def balance(session: AgiSession, store: Store, ctx: RouteContext) -> None:
     """IVR balance: 'your balance is 9 euros and 50 cents'."""
+    outage = ctx.outage
     account_id = await _account_id(session, store.settings)
     await session.answer()
     try:
@@ -233,11 +258,11 @@ async def balance(session: AgiSession, store: Store, outage: OutageLog) -> None:
             await session.stream_file(str(value))
 
 
-Route = Callable[[AgiSession, Store, OutageLog], Awaitable[object]]
+Route = Callable[[AgiSession, Store, RouteContext], Awaitable[object]]
 ROUTES: dict[str, Route] = {"authorize": authorize, "balance": balance}
 
 
-async def dispatch(session: AgiSession, store: Store, outage: OutageLog) -> None:
+async def dispatch(session: AgiSession, store: Store, ctx: RouteContext) -> None:
     """Run the route the session asks for; a hangup or protocol error ends it quietly."""
     route = ROUTES.get(session.script)
     if route is None:
@@ -245,7 +270,7 @@ async def dispatch(session: AgiSession, store: Store, outage: OutageLog) -> None
                     session.script, session.env.get("agi_channel", ""), ", ".join(ROUTES))
         return
     try:
-        await route(session, store, outage)
+        await route(session, store, ctx)
     except AgiHangup as exc:
         log.info("AGI %s on %s ended: %s", session.script, session.env.get("agi_channel", ""),
                  exc)

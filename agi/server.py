@@ -10,6 +10,9 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import socket
+import time
+from collections.abc import Sequence
 
 from agi.protocol import (
     MAX_LINE,
@@ -17,20 +20,70 @@ from agi.protocol import (
     AgiSession,
     read_header,
 )
-from agi.routes import dispatch, new_outage_log
+from agi.routes import RouteContext, dispatch, new_context
+from prepaid.config import AgiSettings
+from prepaid.errors import ConfigError, ServeError
 from prepaid.outage import OutageLog
 from prepaid.store import Store
 
 log = logging.getLogger(__name__)
 
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def parse_allow(entries: Sequence[str]) -> tuple[Network, ...]:
+    """``[agi] allow`` as networks; a bad entry is a ConfigError naming it."""
+    out = []
+    for entry in entries:
+        try:
+            out.append(ipaddress.ip_network(entry.strip(), strict=False))
+        except ValueError:
+            raise ConfigError(f"[agi] allow entry {entry!r} is not an address or network "
+                              "like 127.0.0.1 or 10.0.0.0/8") from None
+    return tuple(out)
+
+
+def bind(agi: AgiSettings) -> list[socket.socket]:
+    """Listening sockets for ``[agi] listen`` (every address the host name has, as asyncio
+    does); a taken port is a ServeError with one clear line. ``prepaid serve`` binds before
+    it starts the AGI service, so a restarted AGI process inherits the same sockets and
+    connections wait in the kernel's queue meanwhile instead of being refused."""
+    try:
+        infos = socket.getaddrinfo(agi.host or None, agi.port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ServeError(f"cannot listen for FastAGI on [agi] listen {agi.listen!r}: "
+                         f"{exc.strerror}") from None
+    socks: list[socket.socket] = []
+    try:
+        for family, address in dict.fromkeys((i[0], i[4]) for i in infos):
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            socks.append(sock)
+            # SO_REUSEADDR (as asyncio): a restart binds again at once. Never SO_REUSEPORT:
+            # a second serve must fail here, not listen beside the first.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            sock.listen(1024)
+            sock.setblocking(False)
+    except OSError as exc:
+        for sock in socks:
+            sock.close()
+        raise ServeError(f"cannot listen for FastAGI on [agi] listen {agi.listen!r}: "
+                         f"{(exc.strerror or str(exc)).lower()}") from None
+    return socks
+
 
 class AgiServer:
-    """Listens on ``[agi] listen``; ``port=0`` picks a free port (see :attr:`port`)."""
+    """Listens on ``[agi] listen``; ``port=0`` picks a free port (see :attr:`port`); or on
+    ``socks`` already listening (from :func:`bind`)."""
 
     def __init__(self, store: Store, *, host: str | None = None, port: int | None = None,
                  header_timeout: float | None = None,
                  command_timeout: float | None = None,
-                 max_connections: int | None = None) -> None:
+                 max_connections: int | None = None,
+                 socks: Sequence[socket.socket] = ()) -> None:
         agi = store.settings.agi
         self.store = store
         self.host = agi.host if host is None else host
@@ -38,22 +91,39 @@ class AgiServer:
         self.header_timeout = agi.header_timeout if header_timeout is None else header_timeout
         self.command_timeout = agi.command_timeout if command_timeout is None else command_timeout
         self.max_connections = agi.max_connections if max_connections is None else max_connections
-        self.allow = tuple(ipaddress.ip_network(a, strict=False) for a in agi.allow)
-        self.outage: OutageLog = new_outage_log()
-        self._server: asyncio.Server | None = None
+        self.allow = parse_allow(agi.allow)
+        # Started now: a missing metering heartbeat counts only after [agi]
+        # metering_stale_seconds, while the listener beside this server logs in.
+        self.context: RouteContext = new_context(store, watching_since=time.monotonic())
+        self.socks = list(socks)
+        self._servers: list[asyncio.Server] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self.served = 0
         self.rejected = 0
 
     @property
+    def outage(self) -> OutageLog:
+        return self.context.outage
+
+    @property
     def port(self) -> int:
-        if self._server is None or not self._server.sockets:
+        sockets = [s for server in self._servers for s in server.sockets]
+        if not sockets:
             return self.requested_port
-        return int(self._server.sockets[0].getsockname()[1])
+        return int(sockets[0].getsockname()[1])
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._accept, self.host, self.requested_port,
-                                                  limit=MAX_LINE)
+        if self.socks:
+            self._servers = [await asyncio.start_server(self._accept, sock=sock, limit=MAX_LINE)
+                             for sock in self.socks]
+        else:
+            try:
+                self._servers = [await asyncio.start_server(
+                    self._accept, self.host, self.requested_port, limit=MAX_LINE)]
+            except OSError as exc:
+                raise ServeError(f"cannot listen for FastAGI on {self.host}:"
+                                 f"{self.requested_port}: {(exc.strerror or str(exc)).lower()}"
+                                 ) from None
         log.info("FastAGI listening on %s:%s", self.host, self.port)
 
     def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -99,7 +169,7 @@ class AgiServer:
                 log.warning("AGI connection from %s lost in header: %s", peer, exc)
                 return
             session = AgiSession(env, reader, writer, command_timeout=self.command_timeout)
-            await dispatch(session, self.store, self.outage)
+            await dispatch(session, self.store, self.context)
             self.served += 1
         finally:
             writer.close()
@@ -110,23 +180,25 @@ class AgiServer:
 
     async def close(self, grace: float = 5.0) -> None:
         """Stop listening, let open sessions finish for ``grace`` s, cancel the rest."""
-        if self._server is not None:
-            self._server.close()
+        for server in self._servers:
+            server.close()
         tasks = list(self._tasks)
         if tasks:
             await asyncio.wait(tasks, timeout=grace)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        if self._server is not None:
-            await self._server.wait_closed()
-            self._server = None
+        for server in self._servers:
+            await server.wait_closed()
+        self._servers = []
         log.info("FastAGI server stopped")
 
 
-async def run(store: Store, stop: asyncio.Event) -> None:
-    """Run the FastAGI server until ``stop`` is set (called by ``prepaid serve``)."""
-    server = AgiServer(store)
+async def run(store: Store, stop: asyncio.Event, *,
+              socks: Sequence[socket.socket] = ()) -> None:
+    """Run the FastAGI server until ``stop`` is set (called by ``prepaid serve``, with the
+    sockets it bound; closed when the server stops)."""
+    server = AgiServer(store, socks=socks)
     await server.start()
     try:
         await stop.wait()

@@ -6,6 +6,7 @@ Secrets may come from the environment instead of the file: ``PREPAID_REDIS_URL``
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import tomllib
@@ -234,6 +235,12 @@ def _validate(s: Settings, where: str) -> None:
                           "redis://, rediss://, unix://, redis+sentinel:// or redis+cluster://")
     if not re.match(r"^[^:]+:[0-9]{1,5}$|^\[[0-9a-fA-F:]+\]:[0-9]{1,5}$", s.agi.listen):
         raise ConfigError(f"{where}: [agi] listen {s.agi.listen!r} must be HOST:PORT")
+    for entry in s.agi.allow:
+        try:
+            ipaddress.ip_network(entry.strip(), strict=False)
+        except ValueError:
+            raise ConfigError(f"{where}: [agi] allow entry {entry!r} is not an address or "
+                              "network like 127.0.0.1 or 10.0.0.0/8") from None
     bad = [x for x in s.agi.account_sources if x not in ACCOUNT_SOURCES]
     if bad or not s.agi.account_sources:
         raise ConfigError(f"{where}: [agi] account_sources may hold only "

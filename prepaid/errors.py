@@ -35,3 +35,7 @@ class UnknownAccount(LedgerError, LookupError):
 
 class StoreUnavailable(PrepaidError, ConnectionError):
     """Redis cannot be reached; the message names the URL (without its password)."""
+
+
+class ServeError(PrepaidError):
+    """``prepaid serve`` cannot serve (a port taken, a bad [agi] allow entry): exit non-zero."""

@@ -29,7 +29,10 @@ GET_LINKEDID = "GET VARIABLE CHANNEL(linkedid)"
 
 def make_settings(redis_url: str, **agi: object) -> Settings:
     base = config.parse({"redis": {"url": redis_url, "timeout": 0.5}}, "<test>", env={})
-    return dataclasses.replace(base, agi=dataclasses.replace(base.agi, timeout=1.0, **agi))
+    # No metering listener runs here: a missing heartbeat counts only after an hour, so
+    # these tests see authorization alone (tests/test_agi_metering.py tests the gate).
+    agi = {"timeout": 1.0, "metering_stale_seconds": 3600.0, **agi}
+    return dataclasses.replace(base, agi=dataclasses.replace(base.agi, **agi))
 
 
 async def start(settings: Settings, **kw: float) -> tuple[Store, AgiServer]:

@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from prepaid.health import beat
 from prepaid.ledger import Ledger
 from prepaid.ratedeck import parse_csv
 from prepaid.ratestore import RateStore
-from tests.agi_peer import NO_CREDIT_TAIL, AgiPeer, agi_env, variable_commands
+from tests.agi_peer import DENY_TAIL, NO_CREDIT_TAIL, AgiPeer, agi_env, variable_commands
 from tests.test_agi_fastagi import DECK
 
 AGI_BIN = Path(sys.executable).parent / "prepaid-agi"
@@ -22,8 +23,11 @@ AGI_BIN = Path(sys.executable).parent / "prepaid-agi"
 @pytest.fixture
 async def conf(tmp_path: Path, redis_url: str, ledger: Ledger) -> Path:
     path = tmp_path / "prepaid.toml"
-    path.write_text(f'[redis]\nurl = "{redis_url}"\n[agi]\ntimeout = 1.0\n')
+    path.write_text(f'[redis]\nurl = "{redis_url}"\n[agi]\ntimeout = 1.0\n'
+                    'metering_stale_seconds = 3600.0\n')
     await RateStore(ledger.redis).replace(parse_csv(DECK))
+    # A process AGI counts a missing heartbeat at once: one 'up' beat, good for the hour.
+    await beat(ledger.redis, "prepaid", "", state="up", backlog=0, ttl=3600)
     return path
 
 
@@ -91,3 +95,16 @@ async def test_process_agi_garbage_header_exits_1(conf: Path) -> None:
     out, err = await asyncio.wait_for(proc.communicate(b"garbage\n\n"), 15)
     assert proc.returncode == 1 and out == b""
     assert b"not 'agi_name: value'" in err
+
+
+async def test_process_agi_without_a_heartbeat_refuses_at_once(conf: Path,
+                                                               ledger: Ledger) -> None:
+    # One process per call has no start to count a missing beat from: it counts at once.
+    await ledger.redis.delete("prepaid:meter:-")
+    await ledger.create_account("1001", currency="EUR")
+    await ledger.credit("1001", 1_000_000, key="seed")
+    peer = AgiPeer(agi_env("p9", "00491701234567"))
+    assert await run_agi(conf, peer, "authorize") == 0
+    assert peer.commands[1:] == [*variable_commands("ERROR", "NO_METERING", "1001", "p9", "0",
+                                                    ""), *DENY_TAIL]
+    assert await ledger.holds("1001") == {}

@@ -25,7 +25,8 @@ NUMBER = "00491701234567"
 
 
 async def start(redis_url: str, **agi: object) -> tuple[Store, AgiServer]:
-    store = await open_store(settings(redis_url, agi=agi))
+    # No metering listener here: a missing heartbeat counts only after an hour.
+    store = await open_store(settings(redis_url, agi={"metering_stale_seconds": 3600.0, **agi}))
     server = AgiServer(store, host="127.0.0.1", port=0)
     await server.start()
     await store.rates.replace(parse_csv(DECK))
