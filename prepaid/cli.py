@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from prepaid import config as config_mod
+from prepaid import health
 from prepaid.config import Settings
 from prepaid.errors import PrepaidError
 from prepaid.ledger import Account, Change, Entry, check_account_id
@@ -346,6 +347,59 @@ def rates_lookup(obj: Context, number: str, file: Path | None, as_json: bool) ->
 
 
 # -- services ---------------------------------------------------------------
+def _status_json(rep: health.Report) -> dict[str, Any]:
+    def check(c: health.Check) -> dict[str, Any]:
+        return {"state": c.state, "detail": c.detail}
+
+    return {
+        "ok": rep.ok, "redis": check(rep.redis),
+        "metering": [{"system_name": b.system_name, "state": b.state, "backlog": b.backlog,
+                      "at": b.at or None, "age_seconds": round(b.age, 3) if b.at else None,
+                      "ok": v.ok, "why": v.why, "this_server": b.system_name == rep.this_server}
+                     for b, v in rep.meters],
+        **{c.name: check(c) for c in rep.others},
+    }
+
+
+@main.command()
+@json_option
+@pass_ctx
+def status(obj: Context, as_json: bool) -> None:
+    """Health of every dependency: Redis, each server's metering, SMTP, the payment gateway.
+
+    Exit status 0 when calls can be authorized and billed here (Redis answers and this
+    server's metering is up), 1 otherwise."""
+    settings = obj.settings
+
+    async def go() -> health.Report:
+        store = await open_store(settings, check=False)
+        try:
+            return await health.report(store.redis, settings)
+        finally:
+            await store.close()
+
+    rep = asyncio.run(go())
+    if as_json:
+        _emit(_status_json(rep))
+    else:
+        rows = [("redis", rep.redis.state, rep.redis.detail)]
+        for b, v in rep.meters:
+            mine = b.system_name == rep.this_server
+            effect = ""
+            if mine and not v.ok:
+                effect = ("; calls allowed UNBILLED (allow_unmetered)"
+                          if settings.agi.allow_unmetered else
+                          "; new calls refused (ERROR NO_METERING)")
+            rows.append((f"metering {b.system_name or '-'}" + (" (this server)" if mine else ""),
+                         b.state, v.why + effect))
+        rows += [(c.name, c.state, c.detail) for c in rep.others]
+        width = max(len(r[0]) for r in rows)
+        for name, state, detail in rows:  # plain lines: no wrapping, easy to grep
+            click.echo(f"{name:<{width}}  {state:<8} {detail}")
+    if not rep.ok:
+        sys.exit(1)
+
+
 @main.command()
 @click.option("--only", type=click.Choice(["agi", "ami", "policy"]), multiple=True,
               help="Run only these services (default: all).")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -10,6 +11,9 @@ import pytest
 from click.testing import CliRunner, Result
 
 from prepaid.cli import main
+from prepaid.health import beat
+from prepaid.ledger import connect
+from tests.servers import free_port
 
 Run = Callable[..., Result]
 
@@ -117,3 +121,56 @@ def test_bad_config_names_key_and_file(tmp_path: Path) -> None:
     conf.write_text('[redis]\nurll = "x"\n')
     r = CliRunner().invoke(main, ["--config", str(conf), "balance", "1001"])
     assert r.exit_code == 1 and f"{conf}: unknown key [redis] urll" in r.output
+
+
+def _status(conf: Path, *args: str) -> Result:
+    return CliRunner().invoke(main, ["--config", str(conf), "status", *args],
+                              catch_exceptions=False)
+
+
+def test_status_shows_each_dependency_and_exits_0_when_calls_can_be_billed(
+        redis_url: str, tmp_path: Path) -> None:
+    conf = tmp_path / "p.toml"
+    conf.write_text(f'[redis]\nurl = "{redis_url}"\n[ami]\nsystem_name = "pbx-a"\n'
+                    f'[smtp]\nport = {free_port()}\n')
+
+    async def beats(*states: tuple[str, str, int]) -> None:
+        client = connect(redis_url)
+        for name, state, backlog in states:
+            await beat(client, "prepaid", name, state=state, backlog=backlog)
+        await client.aclose()
+
+    r = _status(conf)
+    assert r.exit_code == 1  # no heartbeat from this server's listener
+    assert "metering pbx-a (this server)" in r.output and "missing" in r.output
+
+    asyncio.run(beats(("pbx-a", "up", 2), ("pbx-b", "behind", 15_000)))
+    r = _status(conf, "--json")
+    assert r.exit_code == 0, r.output
+    got = json.loads(r.output)
+    assert got["ok"] is True and got["redis"]["state"] == "up"
+    meters = {m["system_name"]: m for m in got["metering"]}
+    assert set(meters) == {"pbx-a", "pbx-b"}
+    assert (meters["pbx-a"]["state"], meters["pbx-a"]["backlog"], meters["pbx-a"]["ok"],
+            meters["pbx-a"]["this_server"]) == ("up", 2, True, True)
+    assert 0 <= meters["pbx-a"]["age_seconds"] < 5
+    assert (meters["pbx-b"]["state"], meters["pbx-b"]["ok"]) == ("behind", False)
+    assert got["smtp"]["state"] == "down"  # nothing listens on that port
+    assert got["gateway"]["state"] == "sandbox"
+
+    asyncio.run(beats(("pbx-a", "down", 0)))
+    r = _status(conf)
+    assert r.exit_code == 1
+    assert "new calls refused (ERROR NO_METERING)" in r.output
+
+
+def test_status_with_redis_unreachable_says_so_without_the_password(tmp_path: Path) -> None:
+    conf = tmp_path / "p.toml"
+    conf.write_text('[redis]\nurl = "redis://:secret@127.0.0.1:1/0"\ntimeout = 0.5\n')
+    conf.chmod(0o600)
+    r = _status(conf, "--json")
+    assert r.exit_code == 1
+    got = json.loads(r.output)
+    assert got["ok"] is False and got["redis"]["state"] == "down"
+    assert got["redis"]["detail"].startswith("redis://:***@127.0.0.1:1/0: ")
+    assert "secret" not in r.output
