@@ -187,6 +187,23 @@ class Bed:
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(10)
 
+    def decisions(self) -> dict[str, int]:
+        """How many authorizations `prepaid serve` logged per outcome ("ALLOWED", "ERROR
+        NO_METERING", ...): for assertion messages only, the checks use Asterisk's side."""
+        text = self.serve_log.read_text(errors="replace") if self.serve_log.exists() else ""
+        found = re.findall(r"agi\.routes: call \S+ account .*?: (\w+ ?\w*) max ", text)
+        counts: dict[str, int] = defaultdict(int)
+        for d in found:
+            counts[d.strip()] += 1
+        return dict(counts)
+
+    def prompts(self, mark: int = 0) -> dict[str, int]:
+        """How many times each prepaid prompt was played (Asterisk's log after ``mark``)."""
+        counts: dict[str, int] = defaultdict(int)
+        for name in re.findall(r"Playing 'prepaid/([\w-]+)\.", self.pbx.log_text()[mark:]):
+            counts[name] += 1
+        return dict(counts)
+
     def serve_tail(self, chars: int = 4000) -> str:
         try:
             return f"--- {self.serve_log} ---\n" + self.serve_log.read_text(
@@ -392,7 +409,10 @@ async def test_hundreds_of_calls_each_billed_its_cdr_billsec(
     if latencies:
         log.info("authorization as Asterisk saw it: p50 %.0f ms, max %.0f ms over %d calls",
                  1000 * latencies[len(latencies) // 2], 1000 * latencies[-1], len(latencies))
-    assert res.by_end() == {"caller": 200}, (res.by_end(), run.output())
+    assert res.by_end() == {"caller": 200}, (
+        f"not every caller hung up itself: {res.by_end()}; prompts played "
+        f"{bed.prompts(mark)}; authorizations {bed.decisions()}; the far end saw "
+        f"{len(bed.far.invites())} INVITEs")
     assert len(bed.far.invites()) == 200
 
     async def all_cdrs() -> dict[str, Cdr] | None:
@@ -430,7 +450,9 @@ async def test_simultaneous_calls_are_cut_off_without_overdraft(
     cdrs = bed.dialed_cdrs()
     refused = refused_for_credit(bed.pbx, mark, "4001")
     assert cdrs, f"no call dialed on 30 s of credit ({len(refused)} refused)"
-    assert len(cdrs) + len(refused) == 20, (len(cdrs), len(refused))
+    assert len(cdrs) + len(refused) == 20, (
+        f"{len(cdrs)} dialed, {len(refused)} heard balance-too-low; prompts "
+        f"{bed.prompts(mark)}, authorizations {bed.decisions()}")
     assert len(bed.far.invites()) == len(cdrs)
     view = await bed.settled(cdrs)
     assert view.balance["4001"] >= 0, (
@@ -464,7 +486,11 @@ async def test_empty_account_is_refused_and_never_dialed(
         played = refused_for_credit(bed.pbx, mark, "5001")
         return played if len(played) == 10 else None
 
-    await until(prompts_played, "balance-too-low played to each of the 10 callers", 5)
+    try:
+        await until(prompts_played, "balance-too-low played to each of the 10 callers", 5)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}: prompts played {bed.prompts(mark)}, authorizations "
+                             f"{bed.decisions()}") from None
     assert bed.dialed_cdrs() == {}
     acct = await bed.store.ledger.get("5001")
     assert (acct.balance, acct.held) == (0, 0)
