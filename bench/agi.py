@@ -19,6 +19,7 @@ from typing import Any
 from agi.server import AgiServer
 from bench.common import percentile
 from prepaid import config
+from prepaid.health import Heartbeat
 from prepaid.ratedeck import parse_csv
 from prepaid.store import Store, open_store
 from tests.agi_peer import AgiPeer, agi_env
@@ -124,12 +125,20 @@ async def run_async(url: str, conf: Path) -> dict[str, Any]:
     store = await open_store(settings)
     server = AgiServer(store, host="127.0.0.1", port=0, max_connections=10_000)
     await server.start()
+    # A healthy metering listener beats meanwhile, as in production: authorization asks
+    # for its heartbeat (one Redis read per half second per FastAGI server, one per process
+    # AGI call).
+    beating = asyncio.Event()
+    heartbeat = asyncio.create_task(Heartbeat(store.redis, "prepaid", "",
+                                              lambda: ("up", 0)).run(beating))
     try:
         await _prepare(store)
         offered = await _offered(server.port)
         saturated = await _saturation(server.port)
         process = await _process(conf)
     finally:
+        beating.set()
+        await heartbeat
         await server.close()
         await store.close()
     out: dict[str, Any] = {}
