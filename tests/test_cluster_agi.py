@@ -7,6 +7,7 @@ from __future__ import annotations
 from redis.asyncio.cluster import RedisCluster
 
 from agi.server import AgiServer
+from prepaid.health import beat, meter_key, read_all
 from prepaid.store import Store
 from tests import test_agi_fastagi as single_redis
 from tests.agi_peer import AgiPeer, agi_env, variable_commands
@@ -39,3 +40,17 @@ async def test_authorization_spans_slots_of_three_primaries(
         owners.add(cluster.node_for_key(f"prepaid:callref:{ref}").port)
         owners.add(cluster.node_for_key(store.ledger.account_key(ident)).port)
     assert len(owners) == 3  # records and accounts on every primary
+
+
+async def test_metering_heartbeats_of_servers_on_every_primary_are_read_and_listed(
+        cluster: Cluster, agi: tuple[Store, AgiServer]) -> None:  # noqa: F811
+    store, server = agi
+    names = [f"pbx-{i}" for i in range(9)]
+    for name in names:
+        await beat(store.redis, "prepaid", name, state="up", backlog=1)
+    owners = {cluster.node_for_key(meter_key("prepaid", n)).port for n in names}
+    assert len(owners) == 3  # one key each, on every primary
+    listed = await read_all(store.redis, "prepaid", also="pbx-x")
+    assert {(b.system_name, b.state) for b in listed} == {
+        *((n, "up") for n in names), ("pbx-x", "missing")}
+    assert all(b.age < 5 for b in listed if b.state == "up")
