@@ -117,6 +117,22 @@ class Prepared:
             self.multiprocess_dir = None
 
 
+_METRICS_DIR = "prepaid-metrics-"  # + the supervisor's pid: see _remove_orphaned_metrics
+
+
+def _remove_orphaned_metrics() -> None:
+    """A supervisor that was SIGKILLed could not remove its metrics directory: remove those
+    whose supervisor is gone."""
+    for path in Path(tempfile.gettempdir()).glob(f"{_METRICS_DIR}*-*"):
+        try:
+            pid = int(path.name[len(_METRICS_DIR):].split("-", 1)[0])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except (ValueError, PermissionError):
+            continue  # not ours, or another user's live supervisor
+
+
 def prepare(settings: Settings, names: Sequence[str], *, multiprocess: bool) -> Prepared:
     """Check the allow list, bind FastAGI and serve metrics; ServeError/ConfigError if not."""
     prepared = Prepared()
@@ -127,7 +143,9 @@ def prepare(settings: Settings, names: Sequence[str], *, multiprocess: bool) -> 
         listen = settings.metrics.listen
         if listen:
             if multiprocess:
-                prepared.multiprocess_dir = tempfile.mkdtemp(prefix="prepaid-metrics-")
+                _remove_orphaned_metrics()
+                prepared.multiprocess_dir = tempfile.mkdtemp(
+                    prefix=f"{_METRICS_DIR}{os.getpid()}-")
             try:
                 prepared.metrics_server = metrics.serve_metrics(
                     listen, multiprocess_dir=prepared.multiprocess_dir)
