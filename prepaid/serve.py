@@ -174,22 +174,22 @@ async def _keep_in_process(name: str, prepared: Prepared, store: Store,
     failures = 0
     while not stop.is_set():
         started = time.monotonic()
+        error: Exception | None = None
         try:
             await _runner(name, prepared)(store, stop)
-            why = "returned"
         except Exception as exc:
-            if stop.is_set():
-                log.error("service %s failed while stopping: %r", name, exc)
-                return
-            log.error("service %s failed", name, exc_info=exc)
-            why = f"failed: {exc!r}"
+            error = exc
         if stop.is_set():
+            if error is not None:
+                log.error("service %s failed while stopping: %r", name, error)
             return
         failures = 1 if time.monotonic() - started >= STABLE_SECONDS else failures + 1
         delay = backoff(failures)
         metrics.SERVICE_RESTARTS.labels(name).inc()
-        log.error("service %s stopped unexpectedly (%s); restarting it in %.1f s", name, why,
-                  delay)
+        # One line (with the traceback) per failure.
+        log.error("service %s %s; restarting it in %.1f s", name,
+                  "failed" if error is not None else "returned by itself", delay,
+                  exc_info=error)
         await _wait_or_stop(stop, delay)
 
 

@@ -266,7 +266,7 @@ def test_back_off_doubles_up_to_the_cap() -> None:
 
 
 async def test_in_process_a_failing_service_is_restarted_and_the_others_keep_serving(
-        seeded: str, monkeypatch: pytest.MonkeyPatch) -> None:
+        seeded: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     """The in-process runner (``serve --only``, the e2e tests) isolates failures too."""
     runs = 0
 
@@ -294,6 +294,9 @@ async def test_in_process_a_failing_service_is_restarted_and_the_others_keep_ser
         assert not task.done()
         assert await authorize(agi_port) == "ALLOWED"
         assert restarts() - before == 2
+        errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+        assert errors == ["service policy failed; restarting it in 0.5 s",
+                          "service policy failed; restarting it in 1.0 s"]  # one per failure
     finally:
         stop.set()
         await asyncio.wait_for(task, 15)
