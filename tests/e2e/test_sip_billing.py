@@ -523,22 +523,26 @@ async def test_restart_within_grace_drops_no_call(
     check_bills(view, cdrs, bed.settings, bed.topups)
 
 
+@pytest.mark.parametrize(("deck", "hold_ms"), [("1/1", 40_000), ("30/6", 60_000)])
 async def test_kill_longer_than_grace_ends_the_call_at_paid_time_plus_grace(
-        make_bed: Callable[..., Awaitable[Bed]]) -> None:
-    """Killed for longer than [ami] grace_seconds: Asterisk itself ends the call at about the
-    paid time plus the grace, and the call pays its CDR billsec once the service is back."""
+        make_bed: Callable[..., Awaitable[Bed]], deck: str, hold_ms: int) -> None:
+    """Killed 4 s into the call and away until past its paid time plus [ami] grace_seconds:
+    Asterisk itself ends the call at about the paid time plus the grace (the caller would have
+    stayed on), and the call pays its CDR billsec once the service is back."""
     grace = 5
     bed = await make_bed(["6101"], ami={"grace_seconds": grace})
     first = await bed.start_serve()
     await bed.account("6101", 100 * EUR)
-    rate = rate_for(NUMBER["1/1"], bed.settings)
-    run = bed.calls([CallSpec("6101", NUMBER["1/1"], 40_000, tag="away")], rate=1)
+    rate = rate_for(NUMBER[deck], bed.settings)
+    run = bed.calls([CallSpec("6101", NUMBER[deck], hold_ms, tag="away")], rate=1)
     answered = await answered_at(run)
-    await asyncio.sleep(max(0.0, answered + 4 - time.monotonic()))
+    await asyncio.sleep(max(0.0, answered + 4 - time.monotonic()))  # the scenario's timeline
     bed.kill_serve(first)
     killed = time.monotonic()
     paid = paid_seconds(rate, sum((await bed.ledger_view()).charges.values()))
-    await asyncio.sleep(max(0.0, killed + grace + 6 - time.monotonic()))
+    # Away for longer than the grace, and until after the call's paid time plus the grace.
+    back = max(killed + grace + 6, answered + paid + grace + 4)
+    await asyncio.sleep(max(0.0, back - time.monotonic()))
     await bed.start_serve()
     res = await bed.finish(run)
     cdrs = bed.dialed_cdrs()
