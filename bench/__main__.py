@@ -14,7 +14,7 @@ from rich.table import Table
 from bench.common import save
 
 # Each module has run() -> dict of figures; missing modules are skipped with a note.
-BENCHMARKS = ["ledger", "agi", "ami", "policy", "e2e", "scale", "sip_ramp"]
+BENCHMARKS = ["ledger", "agi", "ami", "ami_client", "policy", "e2e", "scale", "sip_ramp"]
 
 
 def main(argv: list[str]) -> int:
