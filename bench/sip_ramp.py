@@ -89,8 +89,8 @@ class Step:
     refused: int = 0
     sipp: dict[str, int] = field(default_factory=dict)
     unanswered: int = 0
-    holds_left: int = 0
-    unsettled: int = 0
+    holds_left: int = 0  # micro-units still held once the step's calls should be settled
+    unsettled: int = 0  # dialed calls whose live-call record was not ended by then
     asterisk_cpu: float = 0.0  # share of one core over the step
     machine_busy: float = 0.0  # share of all cores over the step
     decisions: dict[str, int] = field(default_factory=dict)
@@ -109,8 +109,10 @@ class Step:
 
     def row(self) -> str:
         return (f"peak {self.peak_up} up, auth p50/p99 {self.auth_p50_ms:.0f}/"
-                f"{self.auth_p99_ms:.0f} ms, misbilled {self.misbilled} of {self.dialed}, "
-                f"refused {self.refused}, holds left {self.holds_left}, SIPp {self.sipp}, "
+                f"{self.auth_p99_ms:.0f} ms, misbilled {self.misbilled} of {self.dialed} "
+                f"({self.unbilled} not charged), refused {self.refused}, holds left "
+                f"{self.holds_left / 1e6:.2f} EUR, {self.unsettled} calls not settled after "
+                f"{SETTLE_SECONDS} s, SIPp {self.sipp}, "
                 f"Asterisk CPU {100 * self.asterisk_cpu:.0f}%, machine "
                 f"{100 * self.machine_busy:.0f}%")
 
@@ -353,10 +355,10 @@ async def _ramp(rig: Rig, settings: Settings, rates: list[float],
 def table(steps: list[Step]) -> str:
     """The ramp as a Markdown table (for the README)."""
     lines = ["| calls/s | peak calls up | auth p50/p99 ms | misbilled calls | callers refused "
-             "| holds left |", "|---|---|---|---|---|---|"]
+             "| holds left (EUR) |", "|---|---|---|---|---|---|"]
     for s in steps:
         lines.append(f"| {s.rate:g} | {s.peak_up} | {s.auth_p50_ms:.0f} / {s.auth_p99_ms:.0f} "
-                     f"| {s.misbilled} of {s.dialed} | {s.refused} | {s.holds_left} |")
+                     f"| {s.misbilled} of {s.dialed} | {s.refused} | {s.holds_left / 1e6:.2f} |")
     return "\n".join(lines)
 
 

@@ -46,11 +46,12 @@ UAS_SCENARIO = SCENARIOS / "uas_farend.xml"
 UAC_SCENARIO = SCENARIOS / "uac_load.xml"
 VOICE_NAME = "prepaid-voice.ulaw"  # uac_load.xml streams this file (relative to SIPp's cwd)
 DEFAULT_WAIT_MS = 600_000  # uac_load.xml as committed: how long hold_ms = 0 calls wait
-# SIPp's own RTP ports, clear of Asterisk's (tests/pbx_conf/rtp.conf: 10000-20000); each
-# UAC run takes the next block, so runs side by side never compete for a port.
-RTP_BASE = 30_000
+# SIPp's own RTP ports, clear of Asterisk's (tests/pbx_conf/rtp.conf: 10000-20000) and of
+# Linux's ephemeral ports (32768-60999, where free_port() finds SIP and echo ports); each UAC
+# run takes the next block (2000 calls' RTP and RTCP), so runs side by side never compete.
+RTP_BASE = 20_400
 RTP_BLOCK = 4_000
-RTP_BLOCKS = 8
+RTP_BLOCKS = 3
 _rtp_blocks = itertools.count()
 
 END_LINE = re.compile(
