@@ -6,9 +6,13 @@ tracker on the next tick, and ledger idempotency keys make every retry safe:
 
 - block 1: ``settle(account, "call:<ref>", block_cost(rate, 1), key="blk:<ref>:1")``
 - block n: ``debit(account, block_cost(rate, n), key="blk:<ref>:<n>")``
-- a block paid for time the call never reached (a hangup still on the wire when a tick
-  paid it): ``credit(..., key="rfd:<ref>:<n>")``
+- a block paid for time the call never reached (blocks are paid ahead of their start, and
+  the CDR decides what the call cost): ``credit(..., key="rfd:<ref>:<n>")``
 - never answered: ``release(account, "call:<ref>", key="rel:<ref>")``
+
+At settlement the CDR wins: every block its billable seconds reach is charged, with
+``force`` when the credit no longer covers it (only a call that outlived its paid time
+while the listener was away can do that: at most ``[ami] grace_seconds`` of it).
 """
 
 from __future__ import annotations
@@ -18,11 +22,13 @@ import json
 import logging
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import Protocol
+from pathlib import Path
+from typing import Any, Protocol
 
 from agi.callrecord import CallRecord, hold_id, record_key
+from ami_listener.cdrfile import CdrFile
 from ami_listener.protocol import timestamp_us
 from ami_listener.tracker import (
     US,
@@ -31,8 +37,10 @@ from ami_listener.tracker import (
     CheckCredit,
     Cutoff,
     Extend,
+    FindCdr,
     Finish,
     Lookup,
+    NoteCdr,
     PayBlock,
     ReleaseHold,
     Tracker,
@@ -40,13 +48,14 @@ from ami_listener.tracker import (
 from prepaid import metrics
 from prepaid.errors import LedgerError, StoreUnavailable, UnknownAccount
 from prepaid.ledger import REDIS_ERRORS, Ledger, RedisClient
-from prepaid.rating import billed_seconds, block_cost, cost, covered_seconds
+from prepaid.rating import billed_seconds, block_cost, cost
 
 log = logging.getLogger(__name__)
 
 HISTORY_MAX = 10_000  # call records kept per account
 WARNING_FILE = "prepaid/credit-expires-in-one-minute"
 
+RECOVER_BATCH = 500  # call records read in one round trip after a (re)connect
 FINISHED_TTL = 7 * 86400  # a settled call not yet in the account's history waits this long
 ENDED_TTL = 3600
 
@@ -87,6 +96,24 @@ class Discard:
     def send(self, name: str, **headers: str) -> str:
         log.debug("no AMI link; %s not sent", name)
         return ""
+
+
+class OnceCommands:
+    """Actions over a link that may break at any send: the first failure is logged, the
+    rest of that link's life only counted (the runner reconnects and resumes)."""
+
+    def __init__(self, inner: Commands) -> None:
+        self.inner = inner
+        self.failed = 0
+
+    def send(self, name: str, **headers: str) -> str:
+        try:
+            return self.inner.send(name, **headers)
+        except ConnectionError as exc:
+            if not self.failed:
+                log.warning("AMI %s not sent: %s (further failures not logged)", name, exc)
+            self.failed += 1
+            return ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,12 +160,15 @@ class Meter:
 
     def __init__(self, ledger: Ledger, *, prefix: str = "prepaid", warning_seconds: int = 60,
                  commands: Commands | None = None, warning_context: str = "prepaid-warning",
-                 system_name: str = "") -> None:
+                 system_name: str = "", grace_seconds: int = 30,
+                 cdr_file: Path | None = None) -> None:
         self.ledger = ledger
         self.redis: RedisClient = ledger.redis
         self.prefix = prefix
-        self.tracker = Tracker(warning_seconds=warning_seconds)
+        self.tracker = Tracker(warning_seconds=warning_seconds, grace_seconds=grace_seconds)
         self.commands: Commands = commands or Discard()
+        self.cdr_file = CdrFile(cdr_file) if cdr_file else None
+        self.overdrawn = 0  # blocks a CDR reached that the credit no longer covered
         self.warning_context = warning_context
         self.system_name = system_name
         self.down = False
@@ -148,11 +178,16 @@ class Meter:
         self._log = self.redis.register_script(_LOG_LUA)
         self._ended = self.redis.register_script(_ENDED_LUA)
         self._lock = asyncio.Lock()
+        self._handlers: dict[type[Any], Callable[[Any], Awaitable[list[Action]]]] = {
+            Lookup: self._lookup, PayBlock: self._pay, ReleaseHold: self._release_hold,
+            Finish: self._finish_call, Extend: self._extend, Cutoff: self._cutoff,
+            CheckCredit: self._check_credit, FindCdr: self._find_cdr, NoteCdr: self._note_cdr}
 
     # -- inputs ---------------------------------------------------------------------
-    async def handle(self, msg: dict[str, str]) -> None:
+    async def handle(self, msg: dict[str, str], received_us: int | None = None) -> None:
+        """One AMI event, read at ``received_us`` (its time when it carries no Timestamp)."""
         async with self._lock:
-            await self._run(self.tracker.feed(msg))
+            await self._run(self.tracker.feed(msg, received_us))
 
     async def tick(self, now_us: int) -> None:
         async with self._lock:
@@ -193,23 +228,29 @@ class Meter:
         try:
             keys = [k async for k in self.redis.scan_iter(f"{self.prefix}:callref:*",
                                                           count=1000)]
-            for key in keys:
-                raw = await self.redis.hgetall(key)
-                h = {_text(k): _text(v) for k, v in raw.items()}
-                ref = _text(key).rsplit(":", 1)[1]
-                if not on_server(ref, self.system_name):
-                    continue  # another Asterisk's call: its own listener meters it
-                if "finished" in h:
-                    if h.get("state") != "ended" and h.get("settlement"):
-                        fields = _settlement(h["settlement"])
-                        if fields is not None:
-                            unlogged.append((ref, fields["account"], fields))
-                    continue
-                if h.get("state") not in ("authorized", "answered"):
-                    continue
-                info = _info(h)
-                if info is not None:
-                    out.append((ref, info))
+            keys = [k for k in keys if on_server(_text(k).rsplit(":", 1)[1], self.system_name)]
+            for start in range(0, len(keys), RECOVER_BATCH):
+                batch = keys[start:start + RECOVER_BATCH]
+                # One round trip a batch: recovery runs beside the AMI reader, but a
+                # record at a time it took seconds with an hour of ended calls.
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for key in batch:
+                        pipe.hgetall(key)
+                    hashes = await pipe.execute()
+                for key, raw in zip(batch, hashes, strict=True):
+                    h = {_text(k): _text(v) for k, v in raw.items()}
+                    ref = _text(key).rsplit(":", 1)[1]
+                    if "finished" in h:
+                        if h.get("state") != "ended" and h.get("settlement"):
+                            fields = _settlement(h["settlement"])
+                            if fields is not None:
+                                unlogged.append((ref, fields["account"], fields))
+                        continue
+                    if h.get("state") not in ("authorized", "answered"):
+                        continue
+                    info = _info(h)
+                    if info is not None:
+                        out.append((ref, info))
         except REDIS_ERRORS as exc:
             raise StoreUnavailable(f"Redis is unavailable listing live calls: {exc}") from exc
         return out, unlogged
@@ -230,40 +271,48 @@ class Meter:
                 self.tracker.failed(action.ref)
 
     async def _do(self, action: Action) -> list[Action]:
-        if isinstance(action, (Lookup, PayBlock, ReleaseHold, Finish, CheckCredit)) and (
+        if not isinstance(action, (Extend, Cutoff, FindCdr)) and (
                 self.down and not await self._probe()):
             self.tracker.failed(action.ref)
             return []
-        if isinstance(action, Lookup):
-            return await self._lookup(action)
-        if isinstance(action, PayBlock):
-            return await self._pay(action)
-        if isinstance(action, ReleaseHold):
-            await self._release(action.ref, action.account)
-            self.tracker.released(action.ref)
-            return []
-        if isinstance(action, Finish):
-            await self._settle(action)
-            return []
-        if isinstance(action, Extend):
-            self._extend(action)
-            return []
-        if isinstance(action, Cutoff):
-            metrics.CUTOFFS.inc()
-            log.info("call %s cut off: block %s cannot be paid", action.ref, action.n)
-            if action.channel:
-                self.commands.send("Hangup", Channel=action.channel, Cause="16")
-            return []
-        if isinstance(action, CheckCredit):
-            await self._check_credit(action)
-            return []
-        raise AssertionError(f"unknown action {action!r}")  # pragma: no cover
+        return await self._handlers[type(action)](action)
+
+    async def _release_hold(self, action: ReleaseHold) -> list[Action]:
+        await self._release(action.ref, action.account)
+        self.tracker.released(action.ref)
+        return []
+
+    async def _finish_call(self, action: Finish) -> list[Action]:
+        await self._settle(action)
+        return []
+
+    async def _cutoff(self, action: Cutoff) -> list[Action]:
+        metrics.CUTOFFS.inc()
+        log.info("call %s still up past its paid time (block %s refused); hanging up",
+                 action.ref, action.n)
+        if action.channel:
+            self.commands.send("Hangup", Channel=action.channel, Cause="16")
+        return []
+
+    async def _note_cdr(self, action: NoteCdr) -> list[Action]:
+        await self._call(self.redis.hset(record_key(self.prefix, action.ref), "cdr_billsec",
+                                         str(action.billsec)))
+        return []
+
+    async def _find_cdr(self, action: FindCdr) -> list[Action]:
+        billsec = None
+        if self.cdr_file is not None:
+            try:
+                billsec = await self.cdr_file.billsec(action.ref)
+            except OSError as exc:
+                self.cdr_file.outage(exc)
+        return self.tracker.cdr_found(action.ref, billsec, again=self.cdr_file is not None)
 
     async def _lookup(self, action: Lookup) -> list[Action]:
         try:
             raw = await self.redis.hgetall(record_key(self.prefix, action.ref))
         except REDIS_ERRORS as exc:
-            self.tracker.lookup_failed(action.ref)
+            self.tracker.failed(action.ref)
             raise StoreUnavailable(f"Redis is unavailable reading call {action.ref}: {exc}"
                                    ) from exc
         h = {_text(k): _text(v) for k, v in raw.items()}
@@ -314,42 +363,46 @@ class Meter:
             if exc.code != "NO_HOLD" and not isinstance(exc, UnknownAccount):
                 raise
 
-    def _extend(self, action: Extend) -> None:
-        # Safety net should the listener die: Asterisk hangs up one increment after the
-        # paid time; while we are alive the next block is paid (and this moved) first.
-        call = self.tracker.calls.get(action.ref)
-        grace = max(2, call.info.rate.increment) if call and call.info else 2
+    async def _extend(self, action: Extend) -> list[Action]:
+        # While blocks are paid the limit runs [ami] grace_seconds past the paid time, so a
+        # listener that dies drops no call; once a block is refused it is the paid time
+        # itself, and Asterisk ends the call there. Fractional seconds: Asterisk takes them.
         if action.channel:
             self.commands.send("Setvar", Channel=action.channel, Variable="TIMEOUT(absolute)",
-                               Value=str(action.seconds + grace))
+                               Value=f"{action.ms / 1000:.3f}")
+        if action.exact:
+            log.info("call %s: the next block cannot be paid; it ends in %.1f s", action.ref,
+                     action.ms / 1000)
+        return []
 
-    async def _check_credit(self, action: CheckCredit) -> None:
+    async def _check_credit(self, action: CheckCredit) -> list[Action]:
         account = await self.ledger.get(action.account)
         if account.available >= action.amount or not action.channel:
-            return
+            return []
         log.info("call %s: credit runs out at block %s; warning the caller", action.ref,
                  action.n)
         # A Local channel plays the prompt and whispers it to the caller through ChanSpy.
         self.commands.send("Originate", Channel=f"Local/s@{self.warning_context}/n",
                            Application="ChanSpy", Data=f"{action.channel},qwE",
                            Async="true", Variable=f"PREPAID_WARNING_FILE={WARNING_FILE}")
+        return []
 
     async def _settle(self, f: Finish) -> None:
         rate = f.rate
         blocks, duration, cutoff = f.blocks, f.duration, f.cutoff
-        n = f.paid + 1
-        while n <= blocks:
+        for n in range(f.paid + 1, blocks + 1):
             amount = block_cost(rate, n)
             try:
                 await self._pay_block(f.account, f.ref, n, amount, force=False)
             except LedgerError as exc:
                 if exc.code != "NO_CREDIT":
                     raise
-                # The call did reach this block: take it, but never more than this one.
+                # Asterisk says the call reached this block: it is owed all the same.
                 await self._pay_block(f.account, f.ref, n, amount, force=True)
-                blocks, cutoff = n, cutoff or n
-                duration = min(duration, covered_seconds(rate, n))
-            n += 1
+                self.overdrawn += 1
+                cutoff = cutoff or n
+                log.warning("call %s: block %s (%s) charged past the credit: the CDR says "
+                            "%s s", f.ref, n, amount, duration)
         for extra in range(blocks + 1, f.paid + 1):
             amount = block_cost(rate, extra)
             log.debug("call %s: refunding block %s paid for time not reached", f.ref, extra)
@@ -424,9 +477,11 @@ def _info(h: dict[str, str]) -> CallInfo | None:
     try:
         record = CallRecord.from_hash(h)
         answered = h.get("answered_at", "")
+        noted = h.get("cdr_billsec", "")
         return CallInfo(record.account, record.number, record.rate, record.hold,
                         record.channel, timestamp_us(answered) if answered else None,
-                        int(h.get("blocks_paid", "0") or 0))
+                        int(h.get("blocks_paid", "0") or 0),
+                        int(noted) if noted.isdigit() else None)
     except (KeyError, ValueError, TypeError) as exc:
         log.debug("unusable call record: %s", exc)
         return None

@@ -2,7 +2,11 @@
 
 The live runner reconnects with backoff (logging the loss once and the return once), and
 after every (re)connect resumes the calls Redis holds as live and lists the channels still
-up.  It owns its two tasks (reader, ticker) and cancels and awaits them on the way out.
+up.  The reader never stops reading: it only stamps each event with the time it was read
+and puts it in a bounded queue, and the metering task (recovery, ledger calls, logging)
+works through that queue beside it, so Asterisk never waits on us to write (it drops a
+manager session whose writes block past the user's ``writetimeout``).  The runner owns its
+tasks (reader, meter, ticker) and cancels and awaits them on the way out.
 """
 
 from __future__ import annotations
@@ -15,16 +19,19 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from ami_listener.client import AmiClient, AmiError
-from ami_listener.meter import Discard, Meter
+from ami_listener.meter import Discard, Meter, OnceCommands
 from ami_listener.protocol import Message, ProtocolError, split, timestamp_us
 from ami_listener.tracker import US
-from prepaid import metrics
+from prepaid import health, metrics
 from prepaid.config import AmiSettings
+from prepaid.errors import StoreUnavailable
+from prepaid.outage import OutageLog
 
 log = logging.getLogger(__name__)
 
 TICK_SECONDS = 0.25
 PING_SECONDS = 20.0
+CLOCK_WAIT_SECONDS = 1.0
 
 
 class AsteriskClock:
@@ -44,10 +51,15 @@ class AsteriskClock:
         return int(time.monotonic() * US) + self.offset
 
 
-async def handle_safely(meter: Meter, msg: Message) -> None:
+# An event and its time (us, Asterisk's): its Timestamp, else when it was read; None for
+# the answers to our own actions (list items), which say nothing about time.
+Queued = tuple[Message, int | None]
+
+
+async def handle_safely(meter: Meter, msg: Message, received_us: int | None = None) -> None:
     """A bug in handling one event is logged; it never ends the loop."""
     try:
-        await meter.handle(msg)
+        await meter.handle(msg, received_us)
     except Exception:
         meter.errors += 1
         log.exception("handling AMI %s event failed", msg.get("Event", "?"))
@@ -79,8 +91,48 @@ class LiveRunner:
         self.clock = AsteriskClock()
         self.connected = asyncio.Event()
         self.sessions = 0
+        self.queue: asyncio.Queue[Queued] | None = None
+        self._behind_logged = False
+        self._clock_known = asyncio.Event()
+        self.stamped: bool | None = None  # whether this session's events carry Timestamps
+        self._tried = False
+        self._ending = False
+
+    def state(self) -> str | None:
+        """What the heartbeat tells authorization: up, behind (the queue is half full) or
+        down (no AMI session); None before the first connection attempt has ended."""
+        if self.connected.is_set():
+            queue = self.queue
+            return "behind" if queue is not None and queue.qsize() > queue.maxsize // 2 else "up"
+        return "down" if self._tried else None
+
+    async def beat(self, stop: asyncio.Event, every: float = 1.0) -> None:
+        """The metering heartbeat ([agi] refuses new calls without it): its own task, never
+        in front of the AMI read path; a Redis outage is logged once."""
+        outage = OutageLog(log, "Redis (metering heartbeat)")
+        while not stop.is_set():
+            state = self.state()
+            if state is not None:
+                try:
+                    await health.beat(self.meter.redis, self.meter.prefix,
+                                      self.meter.system_name, state=state,
+                                      backlog=self.backlog)
+                    outage.success()
+                except StoreUnavailable as exc:
+                    outage.failure(exc)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), every)
 
     async def run(self, stop: asyncio.Event) -> None:
+        beating = asyncio.create_task(self.beat(stop), name="ami-heartbeat")
+        try:
+            await self._run(stop)
+        finally:
+            beating.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await beating
+
+    async def _run(self, stop: asyncio.Event) -> None:
         s = self.settings
         backoff = self.min_backoff
         lost = False
@@ -89,6 +141,7 @@ class LiveRunner:
             try:
                 await client.connect()
             except (AmiError, ProtocolError) as exc:
+                self._tried = True
                 if not lost:
                     log.warning("%s; retrying with backoff up to %s s", exc,
                                 s.reconnect_max_seconds)
@@ -109,35 +162,55 @@ class LiveRunner:
                 await self._session(client, stop)
             except (AmiError, ProtocolError) as exc:
                 log.warning("AMI link lost: %s; reconnecting", exc)
-                lost = True
+                lost = self._tried = True
             finally:
                 self.connected.clear()
+                self.queue = None
                 self.meter.commands = Discard()
                 await client.close()
 
     async def _session(self, client: AmiClient, stop: asyncio.Event) -> None:
         self.sessions += 1
-        self.meter.commands = client
-        resumed = await self.meter.recover()
-        if resumed:
-            log.info("resuming %s call(s) that were live before", resumed)
-        client.send("CoreShowChannels")
+        self.meter.commands = OnceCommands(client)
+        queue: asyncio.Queue[Queued] = asyncio.Queue(self.settings.queue_size)
+        self.queue = queue
         self.connected.set()
-        tasks = [asyncio.create_task(self._read(client), name="ami-reader"),
-                 asyncio.create_task(self._tick(), name="ami-ticker"),
+        recovered = asyncio.Event()
+        self._clock_known = asyncio.Event()
+        self.stamped = None
+        tasks = [asyncio.create_task(self._read(client, queue), name="ami-reader"),
+                 asyncio.create_task(self._meter(queue, recovered), name="ami-meter"),
+                 asyncio.create_task(self._tick(recovered), name="ami-ticker"),
                  asyncio.create_task(stop.wait(), name="ami-stop")]
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
+            self._ending = True  # a cancellation swallowed below still ends the meter loop
             for task in tasks:
                 task.cancel()
             results = await asyncio.gather(*tasks, return_exceptions=True)
+            self._ending = False
         for task, result in zip(tasks, results, strict=True):
             if task in done and isinstance(result, BaseException) and not isinstance(
                     result, asyncio.CancelledError):
                 raise result
 
-    async def _read(self, client: AmiClient) -> None:
+    async def _meter(self, queue: asyncio.Queue[Queued], recovered: asyncio.Event) -> None:
+        """Recovery first (events read meanwhile wait in the queue, in order), then every
+        event in the order it was read."""
+        resumed = await self.meter.recover()
+        if resumed:
+            log.info("resuming %s call(s) that were live before", resumed)
+        self.meter.commands.send("CoreShowChannels")
+        recovered.set()
+        while not self._ending:
+            msg, received = await queue.get()
+            await handle_safely(self.meter, msg, received)
+            if self._behind_logged and queue.qsize() < queue.maxsize // 2:
+                self._behind_logged = False
+                log.info("metering has caught up with the AMI link")
+
+    async def _read(self, client: AmiClient, queue: asyncio.Queue[Queued]) -> None:
         silent = 0
         while True:
             heard = client.heard
@@ -161,9 +234,33 @@ class LiveRunner:
             stamp = timestamp_us(msg.get("Timestamp", ""))
             if stamp is not None:
                 self.clock.seen(stamp)
-            await handle_safely(self.meter, msg)
+            if queue.full() and not self._behind_logged:
+                self._behind_logged = True
+                log.warning("metering is %s events behind the AMI link; new calls are "
+                            "refused until it catches up", queue.qsize())
+            if "Uniqueid" in msg and "ActionID" not in msg and self.stamped is None:
+                # The first channel event tells whether Asterisk stamps them (FullyBooted
+                # never carries a Timestamp, even with timestampevents).
+                self.stamped = stamp is not None
+                self._clock_known.set()
+                if not self.stamped:
+                    log.info("AMI events carry no Timestamp (timestampevents = no): metering "
+                             "uses the time it reads them; charges still follow the CDR")
+            if stamp is None and self.stamped is False and "ActionID" not in msg:
+                stamp = self.clock.now_us()  # the time it was read
+            await queue.put((msg, stamp))
 
-    async def _tick(self) -> None:
+    @property
+    def backlog(self) -> int:
+        """Events read but not yet metered (0 between sessions)."""
+        queue = self.queue
+        return queue.qsize() if queue is not None else 0
+
+    async def _tick(self, recovered: asyncio.Event) -> None:
+        # The resumed calls first, and Asterisk's clock if it stamps its events.
+        await recovered.wait()
+        with contextlib.suppress(TimeoutError):  # an idle PBX sends no channel event
+            await asyncio.wait_for(self._clock_known.wait(), CLOCK_WAIT_SECONDS)
         while True:
             await asyncio.sleep(self.tick)
             try:

@@ -16,7 +16,9 @@ def make_meter(store: Store) -> Meter:
     return Meter(store.ledger, prefix=store.settings.redis.key_prefix,
                  warning_seconds=store.settings.ami.warning_seconds,
                  warning_context=store.settings.ami.warning_context,
-                 system_name=store.settings.ami.system_name)
+                 system_name=store.settings.ami.system_name,
+                 grace_seconds=store.settings.ami.grace_seconds,
+                 cdr_file=store.settings.ami.cdr_file)
 
 
 async def run(store: Store, stop: asyncio.Event) -> None:

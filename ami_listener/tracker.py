@@ -9,10 +9,18 @@ pay when (:class:`PayBlock`), when to warn or cut off, and how to settle at the 
 ``refused``, ``failed``, ``finished``), so nothing is done twice and nothing is lost when
 Redis or the AMI link is away: whatever is still owed is asked for again on the next tick.
 
-Time comes only from the events' ``Timestamp`` header and from :meth:`Tracker.tick`, in
-integer microseconds.  Block ``n`` (n >= 2) is due once the call has been up for more than
-``covered_seconds(rate, n - 1)``; the billed duration of a call is its time up rounded up
-to whole seconds, so the blocks paid by construction are ``blocks_for(rate, duration)``.
+Time comes from the events (their ``Timestamp`` header with ``timestampevents = yes``, else
+the time the runner read them) and from :meth:`Tracker.tick`, in integer microseconds.
+Block ``n`` (n >= 2) starts once the call has been up ``covered_seconds(rate, n - 1)``; it is
+paid ``pay_ahead`` before that, so a refusal is known in time for Asterisk itself to end the
+call where the paid time ends (``TIMEOUT(absolute)``, an exact :class:`Extend`).  While
+blocks are paid the hard limit runs ``grace`` past the paid time, so a listener restart
+shorter than that drops no call.
+
+What a call costs is decided by Asterisk's own CDR: its billable seconds (``Cdr`` event, or
+the CDR file for a call that ended while the listener was away) are the billed duration,
+and the blocks are put right at settlement.  Only without any CDR is the duration taken
+from the events (whole seconds, truncated as Asterisk's billsec is).
 """
 
 from __future__ import annotations
@@ -31,6 +39,15 @@ US = 1_000_000
 FAILED_DIAL = frozenset({"BUSY", "NOANSWER", "CANCEL", "CONGESTION", "CHANUNAVAIL",
                          "DONTCALL", "TORTURE", "INVALIDARGS"})
 DONE_MEMORY = 10_000  # finished references remembered, to ignore their late events
+PAY_AHEAD_US = 2 * US  # a block is paid this long before it starts
+CDR_WAIT_US = 3 * US  # the Cdr event usually comes with the Hangup; wait at most this long
+CDR_NEAR_US = US  # a Cdr this close to the Hangup is the channel's last
+CDR_IDENTITY = ("StartTime", "AnswerTime", "EndTime", "Channel", "DestinationChannel",
+                "LastApplication", "BillableSeconds")
+CDR_LOOKS = 3  # CDR file look-ups (a second apart) before billing from the events
+RETRY_BEFORE_US = US // 2  # a refused block is asked for once more this long before it starts
+CUT_MARGIN_US = US // 2  # an exact limit lands this far past the paid seconds (CDR truncates)
+BACKSTOP_US = 2 * US  # after this, a call past its paid time is hung up over AMI as well
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +61,7 @@ class CallInfo:
     channel: str = ""
     answered_us: int | None = None  # when resuming after a restart
     blocks_paid: int = 0
+    cdr_billsec: int | None = None  # CDRs already posted for it (a transfer's first leg)
 
 
 # -- actions ---------------------------------------------------------------------------
@@ -84,12 +102,30 @@ class CheckCredit:
 
 @dataclass(frozen=True, slots=True)
 class Extend:
-    """Paid time now ends ``seconds`` from ``at_us``: move the channel's hard limit."""
+    """Move the channel's hard limit (``TIMEOUT(absolute)``) to ``ms`` from now: the paid
+    time plus the grace while blocks are paid, the paid time alone (``exact``) once the
+    next block was refused."""
 
     ref: str
     channel: str
-    seconds: int
-    at_us: int
+    ms: int
+    exact: bool
+
+
+@dataclass(frozen=True, slots=True)
+class NoteCdr:
+    """A CDR came while the call goes on (a transfer): keep its seconds with the call's
+    record, so a listener that takes over after a restart still adds them up."""
+
+    ref: str
+    billsec: int
+
+
+@dataclass(frozen=True, slots=True)
+class FindCdr:
+    """Look the call's CDR up where it survives the listener's absence (the CDR file)."""
+
+    ref: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,17 +143,18 @@ class Finish:
     account: str
     number: str
     rate: Rate
-    duration: int  # seconds up, rounded up; 0 if never answered
+    duration: int  # billed seconds: the CDR's billsec, else seconds up (truncated)
     blocks: int
     paid: int
     answered_us: int | None
     ended_us: int | None
     cause: str
-    source: str  # events | cdr | estimate
+    source: str  # cdr | events | estimate
     cutoff: int  # block refused for want of credit, 0 if none
 
 
-Action = Lookup | PayBlock | ReleaseHold | CheckCredit | Extend | Cutoff | Finish
+Action = (Lookup | PayBlock | ReleaseHold | CheckCredit | Extend | Cutoff | NoteCdr | FindCdr
+          | Finish)
 
 
 @dataclass(slots=True)
@@ -131,13 +168,19 @@ class Call:
     cause: str = ""
     paid: int = 0
     busy: bool = False  # an action for this call awaits its result
-    refused: int = 0
+    refused: int = 0  # the block that could not be paid (0: none)
+    retried: bool = False  # that block was asked for once more, just before it starts
     cutoff_sent: bool = False
     warned: int = 0
-    extended: int = 0
+    limit: tuple[int, bool] = (0, False)  # (blocks paid, exact) when the limit was last set
     release_wanted: bool = False
     released: bool = False
-    cdr_billsec: int | None = None
+    cdr_billsec: int | None = None  # the sum of the channel's CDRs so far
+    cdr_at: int | None = None  # when the last one came
+    cdr_seen: set[str] = field(default_factory=set)
+    cdr_final: bool = False  # the last of them is in
+    cdr_wait_until: int | None = None  # after the Hangup, wait this long for the Cdr event
+    cdr_looked: int = 0  # CDR file look-ups done
     confirmed: bool = True  # seen live since the last (re)connect
     trigger: str = ""  # what made us look the call up: dial | varset
 
@@ -147,6 +190,9 @@ class Tracker:
     """All prepaid calls in flight, as one state machine."""
 
     warning_seconds: int = 60
+    grace_seconds: int = 30
+    pay_ahead_us: int = PAY_AHEAD_US
+    cdr_wait_us: int = CDR_WAIT_US
     now: int = 0  # microseconds, the latest time known
     calls: dict[str, Call] = field(default_factory=dict)
     negative: dict[str, str] = field(default_factory=dict)  # uid -> what triggered the lookup
@@ -156,11 +202,14 @@ class Tracker:
     wake: int = 0  # nothing falls due before this time (us): ticks before it are cheap
 
     # -- input: events ----------------------------------------------------------------
-    def feed(self, msg: Mapping[str, str]) -> list[Action]:
-        """One AMI event; returns what to do now (blocks that fell due first)."""
+    def feed(self, msg: Mapping[str, str], received_us: int | None = None) -> list[Action]:
+        """One AMI event, read at ``received_us`` (used when it carries no Timestamp);
+        returns what to do now (blocks that fell due first)."""
         out: list[Action] = []
         stamp = msg.get("Timestamp")
         at = timestamp_us(stamp) if stamp else None
+        if at is None:
+            at = received_us
         if at is not None and at > self.now:
             out += self.tick(at)
         when = at if at is not None else self.now
@@ -200,12 +249,24 @@ class Tracker:
             else:
                 call.ended, call.ended_us = True, when
                 call.cause = msg.get("Cause-txt", "") or msg.get("Cause", "")
+                # Asterisk posts a channel's last CDR as it hangs up, just before or after
+                # the Hangup; one from well before is a transfer's, and more are to come.
+                if call.cdr_at is not None and when - call.cdr_at <= CDR_NEAR_US:
+                    call.cdr_final = True
         elif event == "Rename":
             call.channel = msg.get("Newname", call.channel)
         elif event == "Cdr":
             billsec = msg.get("BillableSeconds", "")
-            if billsec.isdigit():
-                call.cdr_billsec = int(billsec)
+            # The same CDR twice (a stream read twice) must not count twice.
+            sig = "|".join(msg.get(k, "") for k in CDR_IDENTITY)
+            if billsec.isdigit() and sig not in call.cdr_seen:
+                call.cdr_seen.add(sig)
+                # A channel's CDRs (one per transfer leg) share out its time: add them up.
+                call.cdr_billsec = (call.cdr_billsec or 0) + int(billsec)
+                call.cdr_at = when
+                call.cdr_final = call.ended
+                if not call.ended and call.answered_us is not None:
+                    out.append(NoteCdr(call.ref, call.cdr_billsec))
         out += self._advance(call)
         return out
 
@@ -260,6 +321,8 @@ class Tracker:
         if info.answered_us is not None and call.answered_us is None:
             call.answered_us = info.answered_us
         call.paid = max(call.paid, info.blocks_paid)
+        if info.cdr_billsec is not None and call.cdr_billsec is None:
+            call.cdr_billsec = info.cdr_billsec
         return self._advance(call)
 
     def not_prepaid(self, ref: str) -> None:
@@ -273,6 +336,8 @@ class Tracker:
             return []
         call.busy = False
         call.paid = max(call.paid, n)
+        if call.refused and call.paid >= call.refused:  # paid on the retry: a top-up came
+            call.refused, call.retried = 0, False
         return self._advance(call)
 
     def refused(self, ref: str, n: int) -> list[Action]:
@@ -295,11 +360,19 @@ class Tracker:
             call.busy = False
             self.wake = 0
 
-    def lookup_failed(self, ref: str) -> None:
+    def cdr_found(self, ref: str, billsec: int | None, *, again: bool = True) -> list[Action]:
+        """The CDR file's billable seconds for the call, or None when it holds no line;
+        ``again=False`` when there is no file to look in again."""
         call = self.calls.get(ref)
-        if call is not None:
-            call.busy = False
-            self.wake = 0
+        if call is None:
+            return []
+        call.busy = False
+        call.cdr_looked = call.cdr_looked + 1 if again else CDR_LOOKS
+        if billsec is not None:
+            call.cdr_billsec, call.cdr_final = billsec, True
+        elif call.cdr_looked < CDR_LOOKS:
+            call.cdr_wait_until = self.now + US  # Asterisk may not have written it yet
+        return self._advance(call)
 
     def finished(self, ref: str) -> None:
         self.calls.pop(ref, None)
@@ -350,63 +423,86 @@ class Tracker:
         if info is None or call.busy or (self.listing and not call.confirmed):
             return []
         if call.ended:
-            call.busy = True
-            return [self._finish(call, info)]
+            return self._ending(call, info)
         if call.answered_us is None:
             if call.release_wanted and not call.released:
                 call.busy = True
                 return [ReleaseHold(call.ref, info.account)]
             return []
-        if call.refused:
-            if call.cutoff_sent:
-                return []
-            call.cutoff_sent = True
-            return [Cutoff(call.ref, call.channel, call.refused)]
         out: list[Action] = []
-        if call.extended < call.paid:
-            call.extended = call.paid
-            end = self.due_us(call, call.paid + 1)
-            seconds = max(1, -(-(end - self.now) // US))
-            out.append(Extend(call.ref, call.channel, seconds, self.now))
         n = call.paid + 1
         due = self.due_us(call, n)
-        if n == 1 or self.now > due:
+        exact = call.refused == n
+        if call.paid and call.limit != (call.paid, exact):
+            call.limit = (call.paid, exact)
+            limit = due + CUT_MARGIN_US + (0 if exact else self.grace_seconds * US)
+            out.append(Extend(call.ref, call.channel, max(1, (limit - self.now) // 1000), exact))
+        if exact:
+            # Asterisk ends the call where its paid time ends; ask once more just before
+            # (a top-up may have come), and hang up over AMI should the limit not hold.
+            if not call.retried and self.now >= due - RETRY_BEFORE_US:
+                call.retried, call.busy = True, True
+                out.append(PayBlock(call.ref, info.account, n, block_cost(info.rate, n),
+                                    call.answered_us))
+            elif self.now >= due + BACKSTOP_US and not call.cutoff_sent:
+                call.cutoff_sent = True
+                out.append(Cutoff(call.ref, call.channel, n))
+            else:
+                self.wake = min(self.wake, due - RETRY_BEFORE_US if not call.retried
+                                else due + BACKSTOP_US)
+            return out
+        if n == 1 or self.now >= due - self.pay_ahead_us:
             call.busy = True
             out.append(PayBlock(call.ref, info.account, n, block_cost(info.rate, n),
                                 call.answered_us))
-        else:
-            self.wake = min(self.wake, due + 1)
-            warn_at = due - self.warning_seconds * US
-            if self.warning_seconds > 0 and call.warned < n:
-                if self.now >= warn_at:
-                    call.warned = n
-                    out.append(CheckCredit(call.ref, info.account, call.channel, n,
-                                           block_cost(info.rate, n)))
-                else:
-                    self.wake = min(self.wake, warn_at)
+            return out
+        self.wake = min(self.wake, due - self.pay_ahead_us)
+        warn_at = due - self.warning_seconds * US
+        if self.warning_seconds > 0 and call.warned < n:
+            if self.now >= warn_at:
+                call.warned = n
+                out.append(CheckCredit(call.ref, info.account, call.channel, n,
+                                       block_cost(info.rate, n)))
+            else:
+                self.wake = min(self.wake, warn_at)
         return out
+
+    def _ending(self, call: Call, info: CallInfo) -> list[Action]:
+        """An ended call: wait for its CDR (the event, else the file), then settle."""
+        if not call.cdr_final and call.cdr_looked < CDR_LOOKS and (
+                call.answered_us is not None or call.ended_us is None):
+            if call.cdr_wait_until is None:
+                # Seen hanging up: the Cdr event is on its way. Ended while we were away:
+                # only the file can tell.
+                call.cdr_wait_until = self.now + (self.cdr_wait_us if call.ended_us else 0)
+            if self.now < call.cdr_wait_until:
+                self.wake = min(self.wake, call.cdr_wait_until)
+                return []
+            call.busy = True
+            return [FindCdr(call.ref)]
+        call.busy = True
+        return [self._finish(call, info)]
 
     def _finish(self, call: Call, info: CallInfo) -> Finish:
         rate = info.rate
         source = "events"
-        if call.answered_us is None:
+        if call.cdr_billsec is not None and (call.cdr_final or call.ended_us is None):
+            # Asterisk's own billable seconds: the CDR wins over our clock. (Ended while we
+            # were away and not in the CDR file: the Cdr events that did reach us.)
+            source, duration = "cdr", call.cdr_billsec
+        elif call.answered_us is None:
             duration = 0
         elif call.ended_us is not None:
-            # Whole seconds, truncated as Asterisk's own billsec is: the call is charged
-            # what the CDR says, and a block paid at its start but never completed is
-            # given back at settlement.
+            # Whole seconds, truncated as Asterisk's own billsec is.
             duration = max(0, (call.ended_us - call.answered_us) // US)
         else:
-            # Ended while we were away: the CDR's billable seconds, else the time paid for.
-            lower = covered_seconds(rate, call.paid - 1) if call.paid else 0
-            if call.cdr_billsec is not None:
-                source, duration = "cdr", max(call.cdr_billsec, lower)
-            else:
-                source = "estimate"
-                duration = covered_seconds(rate, call.paid) if call.paid else 1
+            # Ended while we were away and no CDR found: the time paid for.
+            source = "estimate"
+            duration = covered_seconds(rate, call.paid) if call.paid else 1
         blocks = blocks_for(rate, duration)
-        if call.refused and blocks > call.refused:
-            blocks = call.refused
-            duration = min(duration, covered_seconds(rate, call.refused))
+        if source != "cdr" and call.refused and blocks >= call.refused:
+            # Our own clock runs late; the call ended where its paid time did.
+            blocks = call.refused - 1
+            duration = min(duration, covered_seconds(rate, blocks))
         return Finish(call.ref, info.account, info.number, rate, duration, blocks, call.paid,
                       call.answered_us, call.ended_us, call.cause, source, call.refused)

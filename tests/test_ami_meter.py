@@ -57,8 +57,13 @@ async def test_answered_caller_hangs_up_to_the_micro_unit(ledger: Ledger) -> Non
     # Answered 02:42:11.157716, caller hung up 4.005205 s later: 4 s billed, as the Cdr's
     # BillableSeconds says. 0.05 connect + 4 x 0.01 = 0.09.
     assert (await ledger.get("alice")).balance == START - 90_000
-    kinds = [e.kind for e in await ledger.history("alice", 20) if e.ref == f"call {rec.ref}"]
-    assert sorted(kinds) == ["debit"] * 4 + ["reserve", "settle"]  # block 1 settles the hold
+    history = await ledger.history("alice", 30)
+    kinds = [e.kind for e in history if e.ref == f"call {rec.ref}"]
+    # Block 1 settles the hold; blocks 2-7 are paid 2 s ahead of their start, and the three
+    # the call never reached (5-7) are given back once.
+    assert sorted(kinds) == ["debit"] * 6 + ["reserve", "settle"]
+    refunds = [e for e in history if e.ref.startswith(f"call {rec.ref} block")]
+    assert sorted(e.ref.split()[3] for e in refunds) == ["5", "6", "7"]
 
 
 async def test_replaying_twice_charges_once(ledger: Ledger) -> None:
@@ -83,20 +88,25 @@ async def test_calls_without_a_record_are_not_billed(ledger: Ledger) -> None:
 
 async def test_cut_off_when_the_next_block_cannot_be_paid(ledger: Ledger) -> None:
     rec = load(SHARED / "answered-caller-hangs-up.ami")
-    # Enough for block 1 and 2 (0.06 + 0.01); block 3 is due after 2 s.
+    # Enough for block 1 and 2 (0.06 + 0.01); block 3 starts after 2 s.
     await open_account(ledger, 70_000)
     await authorize(ledger, rec.ref, rec.channel, rec.number, PER_SECOND)
     sent = Sent()
     meter = Meter(ledger, commands=sent)
     await replay(meter, rec.messages)
+    # Block 3 is refused ahead of its start: the hard limit becomes the paid 2 s (+0.5 s, as
+    # billsec truncates), and a hang-up backs it up once the call outlives it.
+    exact = [h for h in sent.named("Setvar") if float(h["Value"]) < 15]
+    assert [h["Channel"] for h in exact] == [rec.channel]
     assert sent.named("Hangup") == [{"Channel": rec.channel, "Cause": "16"}]
     account = await ledger.get("alice")
-    # The recorded caller stayed up past the cut-off (nobody obeyed the Hangup): it is billed
-    # up to the refused block and no further, so the balance ends one block below zero.
-    assert account.balance == 70_000 - cost(PER_SECOND, 3) == -block_cost(PER_SECOND, 3)
+    # Nobody applied the limit in this recording: the caller stayed up 4 s, the CDR says so,
+    # and the CDR is what is owed, below zero.
+    assert account.balance == 70_000 - cost(PER_SECOND, 4)
     assert account.held == 0
     logged = meter.settled[-1]
-    assert logged.cutoff == 3 and logged.blocks == 3 and logged.cost == cost(PER_SECOND, 3)
+    assert logged.cutoff == 3 and logged.blocks == 4 and logged.cost == cost(PER_SECOND, 4)
+    assert meter.overdrawn == 2
 
 
 async def test_top_up_during_the_call_lets_it_go_on(ledger: Ledger) -> None:
@@ -112,9 +122,11 @@ async def test_top_up_during_the_call_lets_it_go_on(ledger: Ledger) -> None:
     await replay(meter, rec.messages[answer_index + 1:])
     assert sent.named("Hangup") == []
     assert (await ledger.get("alice")).balance == 5_070_000 - cost(PER_SECOND, 4)
-    # Each paid block moved the channel's hard limit (the safety net) on.
+    # Each paid block moved the channel's hard limit (the safety net) on: blocks 1-7 paid
+    # (2 s ahead), and once exactly, while block 3 was refused before the top-up.
     limits = sent.named("Setvar")
-    assert len(limits) == 5 and {h["Variable"] for h in limits} == {"TIMEOUT(absolute)"}
+    assert {h["Variable"] for h in limits} == {"TIMEOUT(absolute)"}
+    assert sum(float(h["Value"]) < 15 for h in limits) == 1 and len(limits) == 8
 
 
 async def test_warning_when_another_call_spent_the_credit(ledger: Ledger) -> None:
@@ -125,6 +137,7 @@ async def test_warning_when_another_call_spent_the_credit(ledger: Ledger) -> Non
     await authorize(ledger, rec.ref, rec.channel, rec.number, slow)
     sent = Sent()
     meter = Meter(ledger, commands=sent, warning_seconds=1)
+    meter.tracker.pay_ahead_us = 0  # so the other call can spend block 2's credit first
     answer_index = next(i for i, m in enumerate(rec.messages)
                         if m.get("Event") == "BridgeEnter" and m.get("Uniqueid") == rec.ref)
     await replay(meter, rec.messages[:answer_index + 1])

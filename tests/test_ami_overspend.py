@@ -1,7 +1,9 @@
 """Overspend is bounded: random interleavings of two calls of one account and top-ups.
 
 The pure tracker and the real ledger (Redis) run together; Asterisk is played by the test: it
-answers, hangs up, and obeys a cut-off (``Hangup`` action) less than one increment later.
+answers, hangs up, ends a call at its hard limit (``TIMEOUT(absolute)``, as the listener sets
+it), obeys a ``Hangup`` action less than one increment later, and posts each call's CDR
+(billsec truncated, as Asterisk's) just before its Hangup.
 """
 
 from __future__ import annotations
@@ -33,14 +35,19 @@ steps = st.lists(st.tuples(st.sampled_from(["tick"] * 5 + ["answer", "hangup", "
 
 
 class Asterisk:
-    """Collects the listener's AMI actions; a Hangup is obeyed on the next step."""
+    """Collects the listener's AMI actions: a Hangup is obeyed on the next step, a
+    TIMEOUT(absolute) ends the call when it runs out."""
 
     def __init__(self) -> None:
         self.hangups: list[str] = []
+        self.now = 0
+        self.limits: dict[str, int] = {}  # channel -> when Asterisk hangs it up
 
     def send(self, name: str, **headers: str) -> str:
         if name == "Hangup":
             self.hangups.append(headers["Channel"])
+        elif name == "Setvar" and headers["Variable"] == "TIMEOUT(absolute)":
+            self.limits[headers["Channel"]] = self.now + round(float(headers["Value"]) * US)
         return ""
 
 
@@ -61,8 +68,18 @@ async def scenario(url: str, rate_a: Rate, rate_b: Rate, balance: int,
     rates = [rate_a, rate_b]
     refs = [f"{run}.1", f"{run}.2"]
     state = ["new", "new"]  # new -> dialing -> up -> down
+    answered = [0, 0]
     topups = 0
     now = T0
+
+    async def hang(i: int, at: int) -> None:
+        ref = refs[i]
+        billsec = (at - answered[i]) // US if state[i] == "up" else 0
+        await meter.handle(event("Cdr", ref, at, UniqueID=ref, BillableSeconds=str(billsec),
+                                 StartTime=str(i)))
+        await meter.handle(event("Hangup", ref, at, Cause="16"))
+        state[i] = "down"
+
     try:
         for i, ref in enumerate(refs):
             try:
@@ -77,25 +94,36 @@ async def scenario(url: str, rate_a: Rate, rate_b: Rate, balance: int,
                 if f"PJSIP/{ref}" in ast.hangups and state[i] == "up":
                     lag = min(amount % (rates[i].increment * US), rates[i].increment * US - 1)
                     now += lag
-                    await meter.handle(event("Hangup", ref, now, Cause="16"))
-                    state[i] = "down"
+                    ast.now = now
+                    await hang(i, now)
             ref = refs[which]
             if op == "tick":
-                now += amount
+                # Asterisk's own limits run out first, in time order.
+                target = now + amount
+                for i in sorted(range(2), key=lambda i: ast.limits.get(f"PJSIP/{refs[i]}", 0)):
+                    limit = ast.limits.get(f"PJSIP/{refs[i]}")
+                    if state[i] == "up" and limit is not None and limit <= target:
+                        now = ast.now = max(now, limit)
+                        await meter.tick(now)
+                        await hang(i, now)
+                now = ast.now = target
                 await meter.tick(now)
             elif op == "answer" and state[which] == "dialing":
-                await meter.handle(event("DialEnd", ref, now, DialStatus="ANSWER"))
+                ast.now = now
+                answered[which] = now
                 state[which] = "up"
+                await meter.handle(event("DialEnd", ref, now, DialStatus="ANSWER"))
             elif op == "hangup" and state[which] in ("dialing", "up"):
-                await meter.handle(event("Hangup", ref, now, Cause="16"))
-                state[which] = "down"
+                ast.now = now
+                await hang(which, now)
             elif op == "topup" and amount >= 100:
                 topups += amount // 100
                 await ledger.credit(account, amount // 100, key=f"top{run}-{next(_ids)}")
-        for i, ref in enumerate(refs):
+        for i in range(len(refs)):
             if state[i] in ("dialing", "up"):
                 now += 1
-                await meter.handle(event("Hangup", ref, now, Cause="16"))
+                ast.now = now
+                await hang(i, now)
         acct = await ledger.get(account)
         assert acct.held == 0 and await ledger.holds(account) == {}
         charged = sum(s.cost for s in meter.settled)

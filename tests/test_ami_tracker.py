@@ -9,8 +9,11 @@ import pytest
 from ami_listener.protocol import Message, MessageSplitter, ProtocolError, action, split
 from ami_listener.protocol import timestamp_us as ts
 from ami_listener.tracker import (
+    US,
     CallInfo,
     Cutoff,
+    Extend,
+    FindCdr,
     Finish,
     Lookup,
     PayBlock,
@@ -25,13 +28,14 @@ SHARED = FIXTURES / "shared"
 
 
 def run(tracker: Tracker, msgs: list[Message], info: CallInfo,
-        credit_for: int = 10**9) -> list[object]:
+        credit_for: int = 10**9, cdr_file: dict[str, int] | None = None,
+        received: list[int] | None = None) -> list[object]:
     """Feed events, answering lookups and payments as the meter would, paying blocks up to
-    ``credit_for`` and refusing the rest."""
+    ``credit_for`` and refusing the rest; ``cdr_file`` answers CDR file look-ups."""
     out: list[object] = []
     pending = []
-    for msg in msgs:
-        pending += tracker.feed(msg)
+    for i, msg in enumerate(msgs):
+        pending += tracker.feed(msg, received[i] if received else None)
         while pending:
             act = pending.pop(0)
             out.append(act)
@@ -43,9 +47,15 @@ def run(tracker: Tracker, msgs: list[Message], info: CallInfo,
                 pending += tracker.refused(act.ref, act.n)
             elif isinstance(act, ReleaseHold):
                 tracker.released(act.ref)
+            elif isinstance(act, FindCdr):
+                pending += tracker.cdr_found(act.ref, (cdr_file or {}).get(act.ref))
             elif isinstance(act, Finish):
                 tracker.finished(act.ref)
     return out
+
+
+def without_cdr(msgs: list[Message]) -> list[Message]:
+    return [m for m in msgs if m.get("Event") != "Cdr"]
 
 
 def info_for(rec_name: str) -> tuple[list[Message], CallInfo, str]:
@@ -72,14 +82,87 @@ def test_answered_call_pays_block_by_block_and_finishes_exactly() -> None:
     out = run(Tracker(), msgs, info)
     assert out[0] == Lookup(ref)
     pays = [a for a in out if isinstance(a, PayBlock)]
-    assert [p.n for p in pays] == [1, 2, 3, 4, 5]
+    # Each block is paid 2 s before it starts: up 4.005 s, blocks up to 7 (starting at 6 s).
+    assert [p.n for p in pays] == [1, 2, 3, 4, 5, 6, 7]
     assert pays[0].amount == block_cost(PER_SECOND, 1) == 60_000
     assert pays[0].answered_us == 1795315331157716  # DialEnd ANSWER's Timestamp
     [fin] = [a for a in out if isinstance(a, Finish)]
-    # Up 4.005 s: Asterisk's billsec is 4, so 4 blocks are billed; the 5th, paid when it
-    # started at 4.0 s, is given back at settlement.
-    assert (fin.duration, fin.blocks, fin.paid, fin.source) == (4, 4, 5, "events")
+    # The Cdr event says billsec 4: 4 blocks are billed, the 3 paid ahead are given back.
+    assert (fin.duration, fin.blocks, fin.paid, fin.source) == (4, 4, 7, "cdr")
     assert fin.ended_us == 1795315335162921 and fin.cause == "Normal Clearing"
+    # The hard limit follows the paid time, plus the grace should the listener die.
+    limits = [a for a in out if isinstance(a, Extend)]
+    assert limits and not any(a.exact for a in limits)
+
+
+def test_the_cdr_wins_over_the_listeners_clock() -> None:
+    msgs, info, ref = info_for("answered-caller-hangs-up")
+    cdr = next(m for m in msgs if m.get("Event") == "Cdr" and m.get("UniqueID") == ref)
+    lying = [Message({**m, "BillableSeconds": "3"}) if m is cdr else m for m in msgs]
+    [fin] = [a for a in run(Tracker(), lying, info) if isinstance(a, Finish)]
+    assert (fin.duration, fin.blocks, fin.source) == (3, 3, "cdr")
+
+
+def test_without_a_cdr_event_the_file_then_the_events_decide() -> None:
+    msgs, info, ref = info_for("answered-caller-hangs-up")
+    plain = without_cdr(msgs)
+    end = timestamp_of_last(plain)
+    tracker = Tracker()
+    out = run(tracker, plain, info)
+    assert not [a for a in out if isinstance(a, Finish)]  # waiting for the Cdr event
+    out = tick_through(tracker, end, 10 * US, cdr_file={ref: 5})
+    [fin] = [a for a in out if isinstance(a, Finish)]
+    assert (fin.duration, fin.source) == (5, "cdr")
+    tracker = Tracker()
+    run(tracker, plain, info)
+    out = tick_through(tracker, end, 10 * US, cdr_file={})
+    assert sum(isinstance(a, FindCdr) for a in out) == 3  # a second apart: it may be late
+    [fin] = [a for a in out if isinstance(a, Finish)]
+    assert (fin.duration, fin.source) == (4, "events")
+
+
+def test_events_without_timestamps_use_the_time_they_were_read() -> None:
+    msgs, info, ref = info_for("answered-caller-hangs-up")
+    stamps, last = [], 0
+    for m in msgs:  # what a clock read with each message would say
+        last = ts(m.get("Timestamp", "")) or last
+        stamps.append(last)
+    bare = [Message({k: v for k, v in m.items() if k != "Timestamp"}) for m in msgs]
+    out = run(Tracker(), without_cdr(bare), info, received=[s + 7 for s in stamps])
+    assert [p.answered_us for p in out if isinstance(p, PayBlock)][0] == 1795315331157716 + 7
+
+
+def test_call_that_ended_while_away_is_billed_from_the_cdr_file() -> None:
+    msgs, info, ref = info_for("answered-caller-hangs-up")
+    answered = CallInfo(info.account, info.number, info.rate, info.hold, info.channel,
+                        answered_us=1795315331157716, blocks_paid=3)
+    tracker = Tracker()
+    tracker.begin_listing()
+    tracker.attach(ref, answered, resumed=True)
+    out = tracker.feed(Message({"Event": "CoreShowChannelsComplete"}), 1795315345000000)
+    assert out == [FindCdr(ref)]
+    [fin] = tracker.cdr_found(ref, 9)
+    assert isinstance(fin, Finish) and (fin.duration, fin.blocks, fin.paid, fin.source) == (
+        9, 9, 3, "cdr")
+
+
+def timestamp_of_last(msgs: list[Message]) -> int:
+    return max(ts(m["Timestamp"]) or 0 for m in msgs if "Timestamp" in m)
+
+
+def tick_through(tracker: Tracker, start: int, span: int,
+                 cdr_file: dict[str, int]) -> list[object]:
+    out: list[object] = []
+    for at in range(start, start + span, US // 4):
+        pending = list(tracker.tick(at))
+        while pending:
+            act = pending.pop(0)
+            out.append(act)
+            if isinstance(act, FindCdr):
+                pending += tracker.cdr_found(act.ref, cdr_file.get(act.ref))
+            elif isinstance(act, Finish):
+                tracker.finished(act.ref)
+    return out
 
 
 def test_busy_call_releases_at_once_and_costs_nothing() -> None:
@@ -120,25 +203,37 @@ def test_duplicated_shuffled_and_broken_events_never_double_charge() -> None:
             assert fin.blocks <= 5 and fin.duration >= 0
 
 
-def test_refused_block_cuts_off_once_and_caps_the_bill() -> None:
+def test_refused_block_sets_the_exact_limit_and_the_cdr_decides() -> None:
     msgs, info, ref = info_for("answered-caller-hangs-up")
     out = run(Tracker(), msgs, info, credit_for=2)
-    cutoffs = [a for a in out if isinstance(a, Cutoff)]
-    assert cutoffs == [Cutoff(ref, info.channel, 3)]
+    # Block 3 is refused ahead of its start: the limit becomes the paid time itself, the
+    # block is asked for once more just before it starts, then a hang-up backs the limit.
+    assert [a.n for a in out if isinstance(a, PayBlock)] == [1, 2, 3, 3]
+    exact = [a for a in out if isinstance(a, Extend) and a.exact]
+    assert len(exact) == 1
+    assert [a for a in out if isinstance(a, Cutoff)] == [Cutoff(ref, info.channel, 3)]
+    # This recorded call went on to 4 s (nothing applied the limit): the CDR says so, and
+    # the CDR is what is billed.
     [fin] = [a for a in out if isinstance(a, Finish)]
-    assert (fin.blocks, fin.duration, fin.cutoff, fin.paid) == (3, 3, 3, 2)
+    assert (fin.blocks, fin.duration, fin.cutoff, fin.paid, fin.source) == (4, 4, 3, 2, "cdr")
+    # Without any CDR, the listener's own clock is capped at the paid time.
+    tracker = Tracker(cdr_wait_us=0)
+    out = run(tracker, without_cdr(msgs), info, credit_for=2)
+    out += tick_through(tracker, timestamp_of_last(msgs), 5 * US, cdr_file={})
+    [fin] = [a for a in out if isinstance(a, Finish)]
+    assert (fin.blocks, fin.duration, fin.cutoff, fin.source) == (2, 2, 3, "events")
 
 
 def test_time_comes_from_ticks_not_the_clock() -> None:
     msgs, info, ref = info_for("answered-caller-hangs-up")
     answer = next(i for i, m in enumerate(msgs) if m.get("Event") == "DialEnd"
                   and m.get("Uniqueid") == ref)
-    tracker = Tracker(warning_seconds=0)
+    tracker = Tracker(warning_seconds=0, pay_ahead_us=0)
     run(tracker, msgs[:answer + 1], info)
     assert tracker.calls[ref].paid == 1
     start = tracker.now
-    assert tracker.tick(start + 1_000_000) == []  # exactly 1 s: block 2 not started yet
-    [pay] = [a for a in tracker.tick(start + 1_000_001) if isinstance(a, PayBlock)]
+    assert tracker.tick(start + 999_999) == []  # block 2 starts at exactly 1 s
+    [pay] = [a for a in tracker.tick(start + 1_000_000) if isinstance(a, PayBlock)]
     assert pay.n == 2
     assert tracker.tick(start + 5_000_000) == []  # block 2 still awaiting its result
 
