@@ -137,7 +137,7 @@ class LiveRunner:
         backoff = self.min_backoff
         lost = False
         while not stop.is_set():
-            client = AmiClient(s.host, s.port, s.username, s.secret)
+            client = AmiClient(s.host, s.port, s.username, s.secret, queue_size=s.queue_size)
             try:
                 await client.connect()
             except (AmiError, ProtocolError) as exc:

@@ -210,10 +210,16 @@ class Tracker:
         at = timestamp_us(stamp) if stamp else None
         if at is None:
             at = received_us
+        event = msg.get("Event", "")
+        if event == "Cdr":
+            # Before time moves on to it: a call waiting for its CDR must not give up on
+            # the tick that this very event brings.
+            cdr_call = self.calls.get(msg.get("UniqueID", ""))
+            if cdr_call is not None:
+                self._cdr(cdr_call, msg, at if at is not None else self.now, out)
         if at is not None and at > self.now:
             out += self.tick(at)
         when = at if at is not None else self.now
-        event = msg.get("Event", "")
         uid = msg.get("Uniqueid", "")
         if event == "VarSet":
             if msg.get("Variable") == "PREPAID_CALLREF" and uid and msg.get("Value") == uid:
@@ -255,20 +261,21 @@ class Tracker:
                     call.cdr_final = True
         elif event == "Rename":
             call.channel = msg.get("Newname", call.channel)
-        elif event == "Cdr":
-            billsec = msg.get("BillableSeconds", "")
-            # The same CDR twice (a stream read twice) must not count twice.
-            sig = "|".join(msg.get(k, "") for k in CDR_IDENTITY)
-            if billsec.isdigit() and sig not in call.cdr_seen:
-                call.cdr_seen.add(sig)
-                # A channel's CDRs (one per transfer leg) share out its time: add them up.
-                call.cdr_billsec = (call.cdr_billsec or 0) + int(billsec)
-                call.cdr_at = when
-                call.cdr_final = call.ended
-                if not call.ended and call.answered_us is not None:
-                    out.append(NoteCdr(call.ref, call.cdr_billsec))
         out += self._advance(call)
         return out
+
+    def _cdr(self, call: Call, msg: Mapping[str, str], when: int, out: list[Action]) -> None:
+        billsec = msg.get("BillableSeconds", "")
+        # The same CDR twice (a stream read twice) must not count twice.
+        sig = "|".join(msg.get(k, "") for k in CDR_IDENTITY)
+        if billsec.isdigit() and sig not in call.cdr_seen:
+            call.cdr_seen.add(sig)
+            # A channel's CDRs (one per transfer leg) share out its time: add them up.
+            call.cdr_billsec = (call.cdr_billsec or 0) + int(billsec)
+            call.cdr_at = when
+            call.cdr_final = call.ended
+            if not call.ended and call.answered_us is not None:
+                out.append(NoteCdr(call.ref, call.cdr_billsec))
 
     def _want(self, uid: str, trigger: str, channel: str) -> list[Action]:
         if uid in self.calls or uid in self.done:
@@ -472,9 +479,12 @@ class Tracker:
         if not call.cdr_final and call.cdr_looked < CDR_LOOKS and (
                 call.answered_us is not None or call.ended_us is None):
             if call.cdr_wait_until is None:
-                # Seen hanging up: the Cdr event is on its way. Ended while we were away:
-                # only the file can tell.
-                call.cdr_wait_until = self.now + (self.cdr_wait_us if call.ended_us else 0)
+                if not self.now:  # no time known yet (a fresh listener): wait from then
+                    self.wake = 0
+                    return []
+                # Seen hanging up: the Cdr event is on its way. Ended while we were away: it
+                # may still come (posted as we reconnected), else the file tells.
+                call.cdr_wait_until = self.now + self.cdr_wait_us
             if self.now < call.cdr_wait_until:
                 self.wake = min(self.wake, call.cdr_wait_until)
                 return []

@@ -285,8 +285,9 @@ async def test_one_account_calls_through_two_servers_and_a_listener_restarts(
     for call in (call_a, call_b):
         blocks = [k for k in keys if k.startswith(f"blk:{call.ref}:")]
         assert blocks == [f"blk:{call.ref}:{n}" for n in range(1, len(blocks) + 1)], blocks
-    # B's listener saw B's call through; A never settled it for B (it would be an estimate).
-    assert (await settlement(bed.store, ACCOUNT, call_b.ref))["source"] == "events"
+    # B's listener saw B's call through, to its Cdr event; A never settled it for B (it
+    # would be an estimate).
+    assert (await settlement(bed.store, ACCOUNT, call_b.ref))["source"] == "cdr"
     assert 13 <= call_b.talk_seconds <= 15.5, call_b.talk_seconds  # not cut by anyone
     assert (acct.balance, acct.held) == (OPENING - cost(rate_for(call_a.number), call_a.billsec)
                                          - cost(rate_for(call_b.number), call_b.billsec), 0), (
