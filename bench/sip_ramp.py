@@ -51,7 +51,7 @@ from prepaid.ratedeck import parse_csv
 from prepaid.rating import cost
 from prepaid.store import Store, open_store
 from tests.pbx import PROJECT_CONF, Cdr, Pbx, free_port, pbx_unavailable_reason, project_ami_user
-from tests.servers import RedisServer
+from tests.servers import RedisServer, toml_text
 from tests.sipload import CallSpec, FarEnd, LoadResult, agi_latencies, channels_up, start_calls
 
 log = logging.getLogger(__name__)
@@ -179,7 +179,7 @@ class Rig:
         data["agi"]["listen"] = f"127.0.0.1:{self.agi_port}"
         data["smtp"].update(host="127.0.0.1", port=free_port())
         config = self.work / "prepaid.toml"
-        config.write_text(_toml(data))
+        config.write_text(toml_text(data))
         config.chmod(0o600)
         self.settings = parse(data, str(config), env={"PREPAID_AMI_SECRET": secret})
         mark = len(self.pbx.log_text())
@@ -218,20 +218,6 @@ class Rig:
         text = self.log.read_text(errors="replace")[start:]
         return dict(Counter(d.strip() for d in re.findall(
             r"agi\.routes: call \S+ account .*?: (\w+ ?\w*) max ", text)))
-
-
-def _toml(data: dict[str, dict[str, Any]]) -> str:
-    def value(v: Any) -> str:
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, (int, float)):
-            return repr(v)
-        if isinstance(v, (list, tuple)):
-            return "[" + ", ".join(value(x) for x in v) + "]"
-        return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-    return "".join(f"[{name}]\n" + "".join(f"{k} = {value(v)}\n" for k, v in table.items())
-                   + "\n" for name, table in data.items())
 
 
 async def charges_of(store: Store, accounts: list[str]) -> tuple[dict[str, int], int]:

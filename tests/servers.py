@@ -85,3 +85,18 @@ class Mailbox:
         self.envelopes.append(envelope)
         self.messages.append(message_from_bytes(envelope.original_content or envelope.content))
         return "250 OK"
+
+
+def toml_text(data: dict[str, dict[str, Any]]) -> str:
+    """A prepaid.toml for the real services (flat tables: strings, numbers, booleans, lists)."""
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return repr(v)
+        if isinstance(v, (list, tuple)):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+    return "".join(f"[{name}]\n" + "".join(f"{k} = {value(v)}\n" for k, v in table.items())
+                   + "\n" for name, table in data.items())

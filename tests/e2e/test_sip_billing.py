@@ -43,6 +43,7 @@ from prepaid.ratedeck import parse_csv
 from prepaid.rating import Rate, cost, cost_of_billed, covered_seconds
 from prepaid.store import Store, open_store
 from tests.pbx import PROJECT_CONF, Cdr, Pbx, free_port, project_ami_user
+from tests.servers import toml_text
 from tests.sipload import CallSpec, FarEnd, LoadResult, UacRun, agi_latencies, start_calls
 
 pytestmark = pytest.mark.pbx
@@ -75,21 +76,6 @@ async def until(check: Callable[[], Awaitable[T | None]], what: str, within: flo
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {within}s waiting for {what}")
         await asyncio.sleep(0.1)
-
-
-def toml_text(data: dict[str, dict[str, Any]]) -> str:
-    """Flat TOML tables of strings, numbers, booleans and lists of those."""
-    def value(v: Any) -> str:
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, (int, float)):
-            return repr(v)
-        if isinstance(v, (list, tuple)):
-            return "[" + ", ".join(value(x) for x in v) + "]"
-        return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-    return "".join(f"[{name}]\n" + "".join(f"{k} = {value(v)}\n" for k, v in table.items())
-                   + "\n" for name, table in data.items())
 
 
 def shipped_config(redis_url: str, pbx: Pbx, agi_port: int,

@@ -40,6 +40,7 @@ from prepaid.serve import run_services
 from prepaid.store import Store, open_store
 from tests.e2e.test_pbx_smoke import Ami, Message, event
 from tests.pbx import Pbx, free_port, project_ami_user
+from tests.servers import toml_text
 from tests.smtp_sink import SmtpSink, body_text
 
 pytestmark = pytest.mark.pbx
@@ -83,21 +84,6 @@ def config_for(redis_url: str, pbx: Pbx, agi_port: int, smtp_port: int,
     for name, values in sections.items():
         data.setdefault(name, {}).update(values)
     return data
-
-
-def toml_text(data: dict[str, dict[str, Any]]) -> str:
-    """The config as a TOML file (flat tables of strings, numbers, booleans, string lists)."""
-    def value(v: Any) -> str:
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, (int, float)):
-            return repr(v)
-        if isinstance(v, (list, tuple)):
-            return "[" + ", ".join(value(x) for x in v) + "]"
-        return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-    return "".join(f"[{name}]\n" + "".join(f"{k} = {value(v)}\n" for k, v in table.items())
-                   + "\n" for name, table in data.items())
 
 
 def serve_process(config: Path, names: Sequence[str], log: Path) -> subprocess.Popen[bytes]:

@@ -40,10 +40,10 @@ from tests.e2e.test_system_e2e import (
     rate_for,
     serve_process,
     spent,
-    toml_text,
     until,
 )
 from tests.pbx import Pbx, free_port, project_ami_user
+from tests.servers import toml_text
 
 pytestmark = pytest.mark.pbx
 
