@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import os
-import shutil
-from pathlib import Path
+from importlib import resources
+from importlib.resources.abc import Traversable
+from pathlib import Path, PurePath
 
 import click
 
 DEFAULT_DIR = Path("/usr/share/asterisk/sounds/en")
-SOURCE_DIR = Path(__file__).resolve().parent.parent / "sounds"
+# The package data agi.sounds (the top-level sounds/ of the checkout, see pyproject.toml).
+PROMPTS: Traversable = resources.files("agi.sounds")
 FORMATS = (".wav", ".ulaw", ".alaw", ".gsm", ".sln", ".g722")
 
 
-def install_sounds(source: Path, target: Path) -> list[Path]:
+def install_sounds(source: Traversable, target: Path) -> list[Path]:
     """Copy every prompt of ``source`` to ``target/prepaid/<name>.<ext>`` (atomically each)."""
-    files = sorted(p for p in source.iterdir() if p.suffix in FORMATS) if source.is_dir() else []
+    files = sorted((p for p in source.iterdir() if PurePath(p.name).suffix in FORMATS),
+                   key=lambda p: p.name) if source.is_dir() else []
     if not files:
         raise click.ClickException(f"{source}: no prompts (*.wav, *.ulaw) to install; "
                                    "run 'make sounds' first")
@@ -25,7 +28,7 @@ def install_sounds(source: Path, target: Path) -> list[Path]:
         copied = []
         for src in files:
             tmp = dest / f".{src.name}.tmp-{os.getpid()}"
-            shutil.copyfile(src, tmp)
+            tmp.write_bytes(src.read_bytes())
             tmp.chmod(0o644)
             tmp.replace(dest / src.name)
             copied.append(dest / src.name)
@@ -44,9 +47,9 @@ def sounds() -> None:
               default=DEFAULT_DIR, show_default=True,
               help="Asterisk sounds directory for the language; prompts go to DIR/prepaid/.")
 @click.option("--from", "source", type=click.Path(file_okay=False, path_type=Path),
-              default=SOURCE_DIR, show_default=True, help="Where the generated prompts are.")
-def sounds_install(target: Path, source: Path) -> None:
+              default=None, help="Where the prompts are  [default: the installed package's]")
+def sounds_install(target: Path, source: Path | None) -> None:
     """Copy the prompts into Asterisk's sounds directory."""
-    copied = install_sounds(source, target)
+    copied = install_sounds(PROMPTS if source is None else source, target)
     names = sorted({p.stem for p in copied})
     click.echo(f"installed {len(names)} prompts ({len(copied)} files) in {target / 'prepaid'}")

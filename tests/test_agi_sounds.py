@@ -9,7 +9,7 @@ from pathlib import Path
 from click.testing import CliRunner
 
 from agi import decision, speech
-from agi.commands import SOURCE_DIR, sounds, sounds_install
+from agi.commands import PROMPTS, sounds, sounds_install
 
 PLAYED = {decision.PROMPT_NO_CREDIT, decision.PROMPT_REFUSED, decision.PROMPT_LOW_BALANCE,
           decision.WARNING_FILE, "prepaid/your-balance-is", "prepaid/account-unknown",
@@ -18,7 +18,7 @@ PLAYED = {decision.PROMPT_NO_CREDIT, decision.PROMPT_REFUSED, decision.PROMPT_LO
 
 
 def prompt_names() -> set[str]:
-    lines = (SOURCE_DIR / "prompts.txt").read_text().splitlines()
+    lines = (PROMPTS / "prompts.txt").read_text().splitlines()
     return {ln.split("|", 1)[0] for ln in lines if ln and not ln.startswith("#")}
 
 
@@ -28,14 +28,14 @@ def test_every_played_prompt_is_in_prompts_txt() -> None:
 
 def test_each_prompt_is_8khz_mono_16bit_wav_and_ulaw_of_real_speech() -> None:
     for name in prompt_names():
-        with wave.open(str(SOURCE_DIR / f"{name}.wav")) as w:
+        with wave.open(str(PROMPTS / f"{name}.wav")) as w:
             assert (w.getframerate(), w.getnchannels(), w.getsampwidth()) == (8000, 1, 2), name
             frames = w.getnframes()
             audio = w.readframes(frames)
         assert frames > 4000, f"{name}: shorter than half a second"
         samples = array.array("h", audio)
         assert max(abs(x) for x in samples) > 16_000, f"{name}: not normalised speech"
-        ulaw = (SOURCE_DIR / f"{name}.ulaw").read_bytes()
+        ulaw = (PROMPTS / f"{name}.ulaw").read_bytes()
         assert len(ulaw) == frames, name  # one byte a sample, same length
 
 
@@ -46,7 +46,7 @@ def test_sounds_install_copies_into_prepaid_subdirectory(tmp_path: Path) -> None
     assert "balance-too-low.wav" in got and "balance-too-low.ulaw" in got
     assert len(got) == 2 * len(prompt_names())
     assert (tmp_path / "prepaid" / "cents.ulaw").read_bytes() == (
-        SOURCE_DIR / "cents.ulaw").read_bytes()
+        PROMPTS / "cents.ulaw").read_bytes()
 
 
 def test_sounds_install_without_prompts_names_the_folder(tmp_path: Path) -> None:

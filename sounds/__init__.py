@@ -1,0 +1,1 @@
+"""The voice prompts (sounds/prompts.txt, made by make sounds), shipped as agi.sounds."""
