@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup test test-fast lint bench sounds demo clean
+.PHONY: setup test test-fast lint bench sounds lock demo clean
 
 setup:
 	bash scripts/setup.sh
@@ -19,6 +19,9 @@ bench: setup
 
 sounds:
 	bash scripts/make-sounds.sh
+
+lock:
+	bash scripts/lock.sh
 
 demo: setup
 	$(PY) -m tests.demo

@@ -23,8 +23,11 @@ stamp="$VENV/.installed"
 if [ ! -x "$VENV/bin/python" ]; then
   python3 -m venv "$VENV"
 fi
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+lock=requirements/test.lock  # every package of '.[test]', pinned with hashes (scripts/lock.sh)
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ "$lock" -nt "$stamp" ]; then
   "$VENV/bin/pip" install -q --upgrade pip >/dev/null
-  "$VENV/bin/pip" install -q -e '.[test]'
+  "$VENV/bin/pip" install -q --require-hashes -r "$lock"
+  # The project itself: its dependencies are all in the lock, setuptools (the build) too.
+  "$VENV/bin/pip" install -q --no-deps --no-build-isolation -e .
   touch "$stamp"
 fi
