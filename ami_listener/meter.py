@@ -84,6 +84,10 @@ return 1
 """
 
 
+# Actions carried out without Redis (AMI, the CDR file): done even while it is away.
+WITHOUT_REDIS: frozenset[type[Action]] = frozenset({Extend, Cutoff, FindCdr})
+
+
 class Commands(Protocol):
     """Where AMI actions go (the live connection, or a list in tests)."""
 
@@ -271,11 +275,11 @@ class Meter:
                 self.tracker.failed(action.ref)
 
     async def _do(self, action: Action) -> list[Action]:
-        if not isinstance(action, (Extend, Cutoff, FindCdr)) and (
-                self.down and not await self._probe()):
+        kind = type(action)
+        if kind not in WITHOUT_REDIS and self.down and not await self._probe():
             self.tracker.failed(action.ref)
             return []
-        return await self._handlers[type(action)](action)
+        return await self._handlers[kind](action)
 
     async def _release_hold(self, action: ReleaseHold) -> list[Action]:
         await self._release(action.ref, action.account)

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from ami_listener.protocol import timestamp_us
@@ -220,49 +220,69 @@ class Tracker:
         if at is not None and at > self.now:
             out += self.tick(at)
         when = at if at is not None else self.now
+        out += ON_EVENT.get(event, Tracker._on_channel_event)(self, msg, when)
+        return out
+
+    def _on_varset(self, msg: Mapping[str, str], when: int) -> list[Action]:
         uid = msg.get("Uniqueid", "")
-        if event == "VarSet":
-            if msg.get("Variable") == "PREPAID_CALLREF" and uid and msg.get("Value") == uid:
-                out += self._want(uid, "varset", msg.get("Channel", ""))
-            return out
-        if event == "DialBegin" and uid:
-            out += self._want(uid, "dial", msg.get("Channel", ""))
-        elif event == "CoreShowChannel" and uid:
-            out += self._listed(uid, msg)
-            return out
-        elif event == "CoreShowChannelsComplete":
-            return out + self._listing_done()
-        elif event == "Cdr":
-            uid = msg.get("UniqueID", "")
+        if msg.get("Variable") == "PREPAID_CALLREF" and uid and msg.get("Value") == uid:
+            return self._want(uid, "varset", msg.get("Channel", ""))
+        return []
+
+    def _on_dial_begin(self, msg: Mapping[str, str], when: int) -> list[Action]:
+        uid = msg.get("Uniqueid", "")
+        out = self._want(uid, "dial", msg.get("Channel", "")) if uid else []
+        return out + self._on_channel_event(msg, when)
+
+    def _on_listed(self, msg: Mapping[str, str], when: int) -> list[Action]:
+        return self._listed(msg.get("Uniqueid", ""), msg)
+
+    def _on_listing_done(self, msg: Mapping[str, str], when: int) -> list[Action]:
+        return self._listing_done()
+
+    def _on_cdr(self, msg: Mapping[str, str], when: int) -> list[Action]:
+        # Taken in before the tick (see feed); a CDR is posted as the channel goes, so it
+        # is no sign that the call is still up.
+        call = self.calls.get(msg.get("UniqueID", ""))
+        return [] if call is None else self._advance(call)
+
+    def _on_channel_event(self, msg: Mapping[str, str], when: int) -> list[Action]:
+        """Any other event of a call's channel: it is still up (or just hung up)."""
+        uid = msg.get("Uniqueid", "")
         call = self.calls.get(uid)
         if call is None:
-            if event == "Hangup":
+            if msg.get("Event") == "Hangup":
                 self.negative.pop(uid, None)
-            return out
-        if event != "Cdr":  # a CDR is posted as the channel goes: no sign it is still up
-            call.confirmed = True
-        if event == "DialEnd":
-            status = msg.get("DialStatus", "")
-            if status == "ANSWER":
-                self._answer(call, when)
-            elif status in FAILED_DIAL and call.answered_us is None:
-                call.release_wanted = True
-        elif event == "BridgeEnter":
+            return []
+        call.confirmed = True
+        change = ON_CALL_EVENT.get(msg.get("Event", ""))
+        if change is not None:
+            change(self, call, msg, when)
+        return self._advance(call)
+
+    def _on_dial_end(self, call: Call, msg: Mapping[str, str], when: int) -> None:
+        status = msg.get("DialStatus", "")
+        if status == "ANSWER":
             self._answer(call, when)
-        elif event == "Hangup":
-            if call.ended:
-                self._odd("duplicate Hangup for %s", call.ref)
-            else:
-                call.ended, call.ended_us = True, when
-                call.cause = msg.get("Cause-txt", "") or msg.get("Cause", "")
-                # Asterisk posts a channel's last CDR as it hangs up, just before or after
-                # the Hangup; one from well before is a transfer's, and more are to come.
-                if call.cdr_at is not None and when - call.cdr_at <= CDR_NEAR_US:
-                    call.cdr_final = True
-        elif event == "Rename":
-            call.channel = msg.get("Newname", call.channel)
-        out += self._advance(call)
-        return out
+        elif status in FAILED_DIAL and call.answered_us is None:
+            call.release_wanted = True
+
+    def _on_bridge_enter(self, call: Call, msg: Mapping[str, str], when: int) -> None:
+        self._answer(call, when)
+
+    def _on_hangup(self, call: Call, msg: Mapping[str, str], when: int) -> None:
+        if call.ended:
+            self._odd("duplicate Hangup for %s", call.ref)
+            return
+        call.ended, call.ended_us = True, when
+        call.cause = msg.get("Cause-txt", "") or msg.get("Cause", "")
+        # Asterisk posts a channel's last CDR as it hangs up, just before or after the
+        # Hangup; one from well before is a transfer's, and more are to come.
+        if call.cdr_at is not None and when - call.cdr_at <= CDR_NEAR_US:
+            call.cdr_final = True
+
+    def _on_rename(self, call: Call, msg: Mapping[str, str], when: int) -> None:
+        call.channel = msg.get("Newname", call.channel)
 
     def _cdr(self, call: Call, msg: Mapping[str, str], when: int, out: list[Action]) -> None:
         billsec = msg.get("BillableSeconds", "")
@@ -445,34 +465,41 @@ class Tracker:
             limit = due + CUT_MARGIN_US + (0 if exact else self.grace_seconds * US)
             out.append(Extend(call.ref, call.channel, max(1, (limit - self.now) // 1000), exact))
         if exact:
-            # Asterisk ends the call where its paid time ends; ask once more just before
-            # (a top-up may have come), and hang up over AMI should the limit not hold.
-            if not call.retried and self.now >= due - RETRY_BEFORE_US:
-                call.retried, call.busy = True, True
-                out.append(PayBlock(call.ref, info.account, n, block_cost(info.rate, n),
-                                    call.answered_us))
-            elif self.now >= due + BACKSTOP_US and not call.cutoff_sent:
-                call.cutoff_sent = True
-                out.append(Cutoff(call.ref, call.channel, n))
-            else:
-                self.wake = min(self.wake, due - RETRY_BEFORE_US if not call.retried
-                                else due + BACKSTOP_US)
-            return out
+            return out + self._refused_next(call, info, n, due)
+        return out + self._next_block(call, info, n, due)
+
+    def _refused_next(self, call: Call, info: CallInfo, n: int, due: int) -> list[Action]:
+        """Block ``n`` was refused: Asterisk ends the call where its paid time ends; ask
+        once more just before (a top-up may have come), and hang up over AMI should the
+        limit not hold."""
+        assert call.answered_us is not None
+        if not call.retried and self.now >= due - RETRY_BEFORE_US:
+            call.retried, call.busy = True, True
+            return [PayBlock(call.ref, info.account, n, block_cost(info.rate, n),
+                             call.answered_us)]
+        if self.now >= due + BACKSTOP_US and not call.cutoff_sent:
+            call.cutoff_sent = True
+            return [Cutoff(call.ref, call.channel, n)]
+        self.wake = min(self.wake, due - RETRY_BEFORE_US if not call.retried
+                        else due + BACKSTOP_US)
+        return []
+
+    def _next_block(self, call: Call, info: CallInfo, n: int, due: int) -> list[Action]:
+        """Pay block ``n`` once it is near, and warn ahead of it."""
+        assert call.answered_us is not None
         if n == 1 or self.now >= due - self.pay_ahead_us:
             call.busy = True
-            out.append(PayBlock(call.ref, info.account, n, block_cost(info.rate, n),
-                                call.answered_us))
-            return out
+            return [PayBlock(call.ref, info.account, n, block_cost(info.rate, n),
+                             call.answered_us)]
         self.wake = min(self.wake, due - self.pay_ahead_us)
         warn_at = due - self.warning_seconds * US
         if self.warning_seconds > 0 and call.warned < n:
             if self.now >= warn_at:
                 call.warned = n
-                out.append(CheckCredit(call.ref, info.account, call.channel, n,
-                                       block_cost(info.rate, n)))
-            else:
-                self.wake = min(self.wake, warn_at)
-        return out
+                return [CheckCredit(call.ref, info.account, call.channel, n,
+                                    block_cost(info.rate, n))]
+            self.wake = min(self.wake, warn_at)
+        return []
 
     def _ending(self, call: Call, info: CallInfo) -> list[Action]:
         """An ended call: wait for its CDR (the event, else the file), then settle."""
@@ -516,3 +543,26 @@ class Tracker:
             duration = min(duration, covered_seconds(rate, blocks))
         return Finish(call.ref, info.account, info.number, rate, duration, blocks, call.paid,
                       call.answered_us, call.ended_us, call.cause, source, call.refused)
+
+
+# -- dispatch -----------------------------------------------------------------------------
+
+EventHandler = Callable[[Tracker, Mapping[str, str], int], list[Action]]
+CallChange = Callable[[Tracker, Call, Mapping[str, str], int], None]
+
+# What each AMI event means to the tracker; any other event with a tracked call's
+# Uniqueid only shows that its channel is still up (Tracker._on_channel_event).
+ON_EVENT: dict[str, EventHandler] = {
+    "VarSet": Tracker._on_varset,
+    "DialBegin": Tracker._on_dial_begin,
+    "CoreShowChannel": Tracker._on_listed,
+    "CoreShowChannelsComplete": Tracker._on_listing_done,
+    "Cdr": Tracker._on_cdr,
+}
+# How a channel event changes the call it belongs to.
+ON_CALL_EVENT: dict[str, CallChange] = {
+    "DialEnd": Tracker._on_dial_end,
+    "BridgeEnter": Tracker._on_bridge_enter,
+    "Hangup": Tracker._on_hangup,
+    "Rename": Tracker._on_rename,
+}
