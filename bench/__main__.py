@@ -2,23 +2,26 @@
 
 from __future__ import annotations
 
-import importlib
 import platform
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
+from bench import agi, ami, ami_client, e2e, ledger, policy, scale, sip_ramp
 from bench.common import save
 
-# Each module has run() -> dict of figures; missing modules are skipped with a note.
-BENCHMARKS = ["ledger", "agi", "ami", "ami_client", "policy", "e2e", "scale", "sip_ramp"]
+# Each run() returns a dict of figures.
+BENCHMARKS: dict[str, Callable[[], dict[str, Any]]] = {
+    "ledger": ledger.run, "agi": agi.run, "ami": ami.run, "ami_client": ami_client.run,
+    "policy": policy.run, "e2e": e2e.run, "scale": scale.run, "sip_ramp": sip_ramp.run}
 
 
 def main(argv: list[str]) -> int:
-    names = argv or BENCHMARKS
+    names = argv or list(BENCHMARKS)
     console = Console()
     results: dict[str, Any] = {"machine": f"{platform.machine()} {platform.processor()}".strip(),
                                "python": platform.python_version(),
@@ -26,14 +29,13 @@ def main(argv: list[str]) -> int:
     table = Table("benchmark", "figure", "value")
     failed = False
     for name in names:
-        try:
-            module = importlib.import_module(f"bench.{name}")
-        except ModuleNotFoundError:
-            table.add_row(name, "-", "not written yet")
+        bench = BENCHMARKS.get(name)
+        if bench is None:
+            table.add_row(name, "-", f"no such benchmark (one of {', '.join(BENCHMARKS)})")
             continue
         console.print(f"running {name} ...")
         try:
-            figures = module.run()
+            figures = bench()
         except Exception as exc:  # report and go on with the others
             failed = True
             table.add_row(name, "error", str(exc))

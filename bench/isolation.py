@@ -5,7 +5,7 @@ A local redis-server, an AMI peer that floods the listener with recorded Asteris
 traffic (fresh Uniqueids every round, as fast as the socket takes it), and FastAGI calls
 offered at a fixed rate, each timed from connect to the end of the session. Three runs:
 processes without a flood, processes with it (``prepaid serve --only agi --only ami``), and
-both services on one loop in one process (``prepaid.serve.run_services``, as serve was).
+both services on one loop in one process (``shell.serve.run_services``, as serve was).
 ``python -m bench.isolation``.
 """
 
@@ -41,7 +41,8 @@ SECONDS = 10
 PREPAID = str(Path(sys.executable).parent / "prepaid")
 ONE_LOOP = """
 import asyncio, signal, sys
-from prepaid import config, serve
+from prepaid import config
+from shell import serve
 settings = config.load(__import__("pathlib").Path(sys.argv[1]))
 serve.configure_logging("WARNING")
 async def main():

@@ -21,7 +21,7 @@ from policy.worker import mail_context
 from prepaid import config as config_mod
 from prepaid.config import ACTIONS, Settings
 from prepaid.errors import InputError, PrepaidError
-from prepaid.ledger import Account, Change, check_account_id
+from prepaid.ledger import Account, Change, account_json, check_account_id
 from prepaid.money import currency_decimals, format_amount, parse_amount
 from prepaid.store import Store, open_store
 
@@ -185,8 +185,6 @@ def policy_cmd(account_id: str, threshold: str | None, action: str | None, amoun
 
 
 def _emit_json(acct: Account, part: str) -> None:
-    from prepaid.cli import account_json  # the CLI imports this module: import late
-
     data = account_json(acct)
     click.echo(json.dumps({"account": acct.id, "email": acct.email, part: data[part]},
                           indent=2, sort_keys=True))

@@ -1,4 +1,5 @@
-"""The payment gateway interface, its errors, and the local sandbox gateway.
+"""The payment gateway interface, its errors, and the local sandbox gateway (the Stripe one is
+policy/stripe_gateway.py; policy/payments.py chooses between them).
 
 A gateway charges a stored card token off-session.  Every call carries an idempotency
 key; calling again with the same key must return the first outcome without charging twice.
@@ -12,8 +13,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
-from prepaid.config import Settings
-from prepaid.errors import ConfigError, PrepaidError
+from prepaid.errors import PrepaidError
 from prepaid.ledger import REDIS_ERRORS, RedisClient
 
 ChargeStatus = Literal["ok", "declined", "auth_required"]
@@ -98,15 +98,3 @@ class SandboxGateway:
         raw: Any = await self.redis.hgetall(self.charges_key(account))
         return {k.decode(): json.loads(v) for k, v in raw.items()}
 
-
-def make_gateway(settings: Settings, client: RedisClient) -> Gateway:
-    """The gateway ``[payments] gateway`` names."""
-    if settings.payments.gateway == "stripe":
-        from policy.stripe_gateway import StripeGateway
-
-        if not settings.payments.stripe_api_key:
-            raise ConfigError(f"{settings.source}: [payments] gateway is \"stripe\" but no "
-                              "stripe_api_key (or STRIPE_API_KEY) is set")
-        return StripeGateway(settings.payments.stripe_api_key,
-                             api_base=settings.payments.stripe_api_base)
-    return SandboxGateway(client, settings.redis.key_prefix)

@@ -43,8 +43,9 @@ from policy.decide import (
     retry_delay,
     stamp,
 )
-from policy.gateway import ChargeResult, Gateway, PaymentError, make_gateway
+from policy.gateway import ChargeResult, Gateway, PaymentError
 from policy.mailer import MailQueue, MailWorker, Templates, compose
+from policy.payments import make_gateway
 from prepaid import metrics
 from prepaid.config import Settings
 from prepaid.errors import InputError, StoreUnavailable, UnknownAccount

@@ -21,7 +21,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisClusterException, RedisError
 
 from prepaid.errors import InputError, LedgerError, StoreUnavailable, UnknownAccount
-from prepaid.money import check_currency
+from prepaid.money import check_currency, format_amount
 from prepaid.outage import OutageLog
 
 log = logging.getLogger(__name__)
@@ -131,6 +131,21 @@ class Account:
             card_brand=h.get("card_brand", ""), card_last4=h.get("card_last4", ""),
             card_exp=h.get("card_exp", ""), card_token=h.get("card_token", ""),
         )
+
+
+def account_json(a: Account) -> dict[str, Any]:
+    """An account as the CLI's ``--json`` prints it (``prepaid account``, ``policy``, ``card``)."""
+    return {
+        "id": a.id, "currency": a.currency, "email": a.email, "status": a.status,
+        "balance": format_amount(a.balance), "held": format_amount(a.held),
+        "available": format_amount(a.available), "balance_micros": a.balance,
+        "created": a.created,
+        "policy": {"enabled": a.policy_enabled, "action": a.action,
+                   "threshold": format_amount(a.threshold),
+                   "topup_amount": format_amount(a.topup_amount)},
+        "card": ({"brand": a.card_brand, "last4": a.card_last4, "exp": a.card_exp}
+                 if a.has_card else None),
+    }
 
 
 class Ledger:

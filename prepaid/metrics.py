@@ -1,6 +1,6 @@
 """Prometheus metrics of every service, served by ``prepaid serve`` when [metrics] listen is set.
 
-``prepaid serve`` runs each service in its own process (prepaid/serve.py), and only the
+``prepaid serve`` runs each service in its own process (shell/serve.py), and only the
 supervisor serves /metrics: the services' metrics use prometheus_client's multiprocess mode
 (each child writes its values to files in a directory the supervisor made and names in the
 children's ``PROMETHEUS_MULTIPROC_DIR``; counters of a child that died stay counted), and

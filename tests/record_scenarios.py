@@ -4,7 +4,7 @@
 
 Starts a private Redis (``tests.servers.RedisServer``), the Asterisk 22 test bed
 (``tests.pbx.Pbx`` with the project's ``asterisk-conf/``), an SMTP sink and the project's
-services in-process (``prepaid.serve.run_services``: FastAGI authorization and the policy
+services in-process (``shell.serve.run_services``: FastAGI authorization and the policy
 worker for the whole run; the AMI listener beside them, stopped and started again in the
 restart scenario). Each scenario's calls are placed by AMI ``Originate`` of
 ``Local/<number>@prepaid-outbound`` (``OtherChannelId`` fixes the dialplan side's uniqueid,
@@ -38,8 +38,8 @@ from ami_listener.protocol import Message, split
 from prepaid.config import Settings, parse
 from prepaid.ratedeck import Normalisation, parse_csv
 from prepaid.rating import Rate, block_cost
-from prepaid.serve import run_services
 from prepaid.store import Store, open_store
+from shell.serve import run_services
 from tests.pbx import Pbx, free_port
 from tests.servers import RedisServer
 from tests.smtp_sink import SmtpSink

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
-from prepaid.cli import main
 from prepaid.health import beat
 from prepaid.ledger import connect
+from shell.cli import main
 from tests.servers import free_port
 
 Run = Callable[..., Result]

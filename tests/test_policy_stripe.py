@@ -13,7 +13,8 @@ from urllib.parse import parse_qs
 
 import pytest
 
-from policy.gateway import GatewayTimeout, GatewayUnavailable, make_gateway
+from policy.gateway import GatewayTimeout, GatewayUnavailable
+from policy.payments import make_gateway
 from policy.stripe_gateway import StripeGateway, minor_units, split_token
 from prepaid.config import parse
 from prepaid.errors import ConfigError, InputError

@@ -26,11 +26,12 @@ from typing import TypeVar
 
 import pytest
 
-from prepaid import config, metrics, serve
+from prepaid import config, metrics
 from prepaid.ledger import Ledger
 from prepaid.ratedeck import parse_csv
 from prepaid.ratestore import RateStore
 from prepaid.store import Store
+from shell import serve
 from tests.agi_peer import AgiPeer, agi_env
 from tests.servers import free_port
 from tests.test_agi_fastagi import DECK
@@ -194,7 +195,7 @@ async def test_each_service_runs_in_its_own_process_and_a_killed_one_is_restarte
     assert time.monotonic() - began < serve.STOP_SECONDS + 5
     for pid in (*pids.values(), kids["agi"][1]):
         assert gone(pid)
-    assert running.text().rstrip().endswith("INFO prepaid.serve: stopped")
+    assert running.text().rstrip().endswith("INFO shell.serve: stopped")
 
 
 async def test_children_exit_by_themselves_when_the_supervisor_is_sigkilled(

@@ -1,6 +1,6 @@
 """The whole system end to end: a real Asterisk 22 running the project's dialplan and AMI user,
 the project's services (FastAGI authorization, AMI metering, policy worker) started in-process
-by ``prepaid.serve.run_services``, a real Redis and a real SMTP server. Calls are placed by AMI
+by ``shell.serve.run_services``, a real Redis and a real SMTP server. Calls are placed by AMI
 Originate (``Local/<number>@prepaid-outbound``) and by SIPp (a SIP phone whose From user is
 the account).
 
@@ -36,8 +36,8 @@ from prepaid.config import Settings, parse
 from prepaid.ledger import Account, Entry
 from prepaid.ratedeck import Normalisation, parse_csv
 from prepaid.rating import Rate, cost
-from prepaid.serve import run_services
 from prepaid.store import Store, open_store
+from shell.serve import run_services
 from tests.e2e.test_pbx_smoke import Ami, Message, event
 from tests.pbx import Pbx, free_port, project_ami_user
 from tests.servers import toml_text

@@ -14,8 +14,8 @@ import pytest
 from click.testing import CliRunner, Result
 
 from ami_listener.protocol import Message, timestamp_us
-from prepaid.cli import main
 from prepaid.config import Settings, parse
+from shell.cli import main
 from tests.ami_peer import AmiPeer, wire
 from tests.servers import free_port
 

@@ -17,7 +17,7 @@ from prepaid.ledger import Ledger, connect
 from prepaid.ratedeck import parse_csv
 from prepaid.ratestore import RateStore
 from prepaid.rating import cost
-from prepaid.serve import run_services
+from shell.serve import run_services
 from tests.agi_peer import AgiPeer, agi_env
 from tests.ami_peer import FIXTURES, PER_SECOND, AmiPeer, load, wait_until
 from tests.faults.conftest import EUR, cli_async, lines, settings

@@ -15,15 +15,19 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from agi.commands import sounds
+from ami_listener.commands import calls_cmd
+from policy.commands import card_group, manual_topup, policy_cmd
 from prepaid import config as config_mod
 from prepaid import health
 from prepaid.config import Settings
 from prepaid.errors import PrepaidError
-from prepaid.ledger import Account, Change, Entry, check_account_id
+from prepaid.ledger import Account, Change, Entry, account_json, check_account_id
 from prepaid.money import format_amount, parse_amount
 from prepaid.ratedeck import RateDeck, load_csv
 from prepaid.rating import Rate, billed_seconds, cost
 from prepaid.store import Store, open_store
+from shell.serve import serve_forever
 
 T = TypeVar("T")
 LOOKUP_DURATIONS = (1, 30, 60, 61, 3600)
@@ -78,20 +82,6 @@ def _when(ts: float) -> str:
 
 def _emit(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, sort_keys=True))
-
-
-def account_json(a: Account) -> dict[str, Any]:
-    return {
-        "id": a.id, "currency": a.currency, "email": a.email, "status": a.status,
-        "balance": format_amount(a.balance), "held": format_amount(a.held),
-        "available": format_amount(a.available), "balance_micros": a.balance,
-        "created": a.created,
-        "policy": {"enabled": a.policy_enabled, "action": a.action,
-                   "threshold": format_amount(a.threshold),
-                   "topup_amount": format_amount(a.topup_amount)},
-        "card": ({"brand": a.card_brand, "last4": a.card_last4, "exp": a.card_exp}
-                 if a.has_card else None),
-    }
 
 
 def _amount(settings: Settings, text: str, what: str = "amount") -> int:
@@ -223,7 +213,7 @@ def topup(obj: Context, account_id: str, amount: str, reference: str | None, ove
 
     async def body(st: Store) -> tuple[Account, Change]:
         acct = await st.ledger.get(account_id)
-        change = await _manual_topup(st, account_id, micros, ref, override)
+        change = await manual_topup(st, account_id, micros, ref, override=override)
         return acct, change
 
     acct, change = obj.run(body)
@@ -236,16 +226,6 @@ def topup(obj: Context, account_id: str, amount: str, reference: str | None, ove
     else:
         click.echo(f"credited {format_amount(micros, acct.currency)} to {account_id} "
                    f"(reference {ref}); balance {format_amount(change.balance, acct.currency)}")
-
-
-async def _manual_topup(st: Store, account_id: str, micros: int, ref: str,
-                        override: bool) -> Change:
-    try:
-        from policy.commands import manual_topup
-    except ImportError:  # policy engine not installed: a plain ledger credit
-        return await st.ledger.credit(account_id, micros, key=f"topup:{ref}", ref=ref)
-    change: Change = await manual_topup(st, account_id, micros, ref, override=override)
-    return change
 
 
 @main.command()
@@ -408,22 +388,9 @@ def status(obj: Context, as_json: bool) -> None:
 @pass_ctx
 def serve(obj: Context, only: tuple[str, ...], log_level: str) -> None:
     """Run the FastAGI server, the AMI listener and the policy worker."""
-    from prepaid.serve import serve_forever
     serve_forever(obj.settings, only or ("agi", "ami", "policy"), log_level)
 
 
-def _add_optional_commands() -> None:
-    """Commands that live beside the services they belong to."""
-    extra = [("policy.commands", "policy_cmd"), ("policy.commands", "card_group"),
-             ("ami_listener.commands", "calls_cmd"), ("agi.commands", "sounds")]
-    for module, name in extra:
-        try:
-            mod = __import__(module, fromlist=[name])
-        except ImportError:
-            continue
-        cmd = getattr(mod, name, None)
-        if isinstance(cmd, click.Command):
-            main.add_command(cmd)
-
-
-_add_optional_commands()
+# Commands that live beside the services they belong to.
+for _command in (policy_cmd, card_group, calls_cmd, sounds):
+    main.add_command(_command)

@@ -67,7 +67,7 @@ STOP_SECONDS = 10.0  # a child asked to stop is killed after this
 BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 30.0
 STABLE_SECONDS = 60.0  # a child that ran this long restarts after BACKOFF_FIRST again
-_CHILD = "import prepaid.serve as s; s.child_main()"
+_CHILD = "import shell.serve as s; s.child_main()"
 _ROOT = str(Path(__file__).resolve().parent.parent)  # where the packages are imported from
 
 
