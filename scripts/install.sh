@@ -95,7 +95,12 @@ pip=("$VENV/bin/pip" -q --disable-pip-version-check)
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 if [ -z "$wheel" ]; then
-  "${pip[@]}" wheel --no-deps "${pip_source[@]}" -w "$tmp" "$here"
+  # From a copy without build output: setuptools never empties an in-tree build/, whose
+  # leftovers (modules moved away since) would ship in the wheel.
+  mkdir "$tmp/src"
+  tar -C "$here" --exclude=./build --exclude=./.git --exclude='./.venv*' \
+    --exclude='*.egg-info' --exclude=__pycache__ -cf - . | tar -C "$tmp/src" -xf -
+  "${pip[@]}" wheel --no-deps "${pip_source[@]}" -w "$tmp" "$tmp/src"
   wheel=$(find "$tmp" -maxdepth 1 -name 'asterisk_prepaid-*.whl')
   [ -n "$wheel" ] || die "building the wheel from $here made none"
 fi

@@ -4,6 +4,7 @@ sdist), install it into a fresh venv in a temporary folder, and run the CLI from
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -46,11 +47,20 @@ class Installed:
                    timeout=60)
 
 
+# Not copied for a build: setuptools never empties an in-tree build/, so a wheel built in a
+# checkout still carries modules that were moved away since (seen: prepaid/cli.py).
+BUILD_LEFTOVERS = shutil.ignore_patterns("build", ".git", ".venv*", "*.egg-info", "__pycache__",
+                                         ".*_cache", ".hypothesis")
+
+
 def build_wheel(source: Path, out: Path) -> Path:
-    # No build isolation: setuptools comes from the test venv (the test extras pin it), so the
-    # build downloads nothing.
+    """``pip wheel`` of a clean copy of ``source`` (the working tree as it is, without build
+    output). No build isolation: setuptools comes from the test venv (the lock pins it), so
+    the build downloads nothing."""
+    tree = out / "src"
+    shutil.copytree(source, tree, ignore=BUILD_LEFTOVERS)
     run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-         "-w", str(out), str(source)], cwd=source)
+         "-w", str(out), str(tree)], cwd=tree)
     (wheel,) = out.glob("asterisk_prepaid-*.whl")
     return wheel
 

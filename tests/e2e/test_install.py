@@ -3,9 +3,9 @@
 installed copy: `prepaid serve` from /opt/asterisk-prepaid as the service user, with the
 config and the prompts where the script put them.
 
-The root has no network mirror, so the wheel and its dependencies (for the root's Python) are
-downloaded on the host into a wheelhouse that the script installs from (--wheelhouse). The
-copy is deleted afterwards; the shared root is never written.
+Nothing is downloaded inside the root: the wheel and its dependencies (for the root's Python)
+are downloaded on the host into a wheelhouse that the script installs from (--wheelhouse).
+The copy is deleted afterwards; the shared root is never written.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from tests.e2e.test_system_e2e import DECK, EUR, System, config_for, rate_for, u
 from tests.pbx import Pbx, free_port
 from tests.servers import toml_text
 from tests.smtp_sink import SmtpSink
-from tests.test_wheel import REPO, build_wheel, prompt_names
+from tests.test_wheel import BUILD_LEFTOVERS, REPO, build_wheel, prompt_names
 
 pytestmark = pytest.mark.pbx
 
@@ -63,21 +63,22 @@ class Host:
                                          f"{proc.stderr}"
         return proc
 
-    def install(self) -> subprocess.CompletedProcess[str]:
-        return self.run("/bin/bash", f"{INNER}/scripts/install.sh", "--wheel", self.wheel,
+    def install(self, *, from_checkout: bool = False) -> subprocess.CompletedProcess[str]:
+        wheel = () if from_checkout else ("--wheel", self.wheel)
+        return self.run("/bin/bash", f"{INNER}/scripts/install.sh", *wheel,
                         "--wheelhouse", f"{INNER}/wheelhouse")
 
 
 def wheelhouse(wheel: Path, out: Path, python: str) -> None:
-    """The wheel, its dependencies and pip, as wheels for the root's CPython ``python``
-    (e.g. "314") on x86-64 Linux."""
+    """The wheel, its dependencies, pip and setuptools (to build the checkout), as wheels for
+    the root's CPython ``python`` (e.g. "314") on x86-64 Linux."""
     platforms = [x for p in ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64",
                              "manylinux2014_x86_64", "linux_x86_64") for x in ("--platform", p)]
     proc = subprocess.run(
         [sys.executable, "-m", "pip", "download", "-q", "-d", str(out), "--only-binary=:all:",
          "--python-version", python, "--implementation", "cp", "--abi", f"cp{python}",
-         *platforms, str(wheel), "pip"], capture_output=True, text=True, timeout=300,
-        check=False)
+         *platforms, str(wheel), "pip", "setuptools>=77"], capture_output=True, text=True,
+        timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr
 
 
@@ -92,9 +93,7 @@ def host(pbx_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[H
         shutil.rmtree(root / "usr/share/asterisk/sounds/prepaid", ignore_errors=True)
         pbx = Pbx(root, project_sounds=None)
         inner = root / INNER.lstrip("/")
-        (inner / "scripts").mkdir(parents=True)
-        shutil.copy2(REPO / "scripts" / "install.sh", inner / "scripts")
-        shutil.copytree(REPO / "asterisk-conf", inner / "asterisk-conf")
+        shutil.copytree(REPO, inner, ignore=BUILD_LEFTOVERS)  # the checkout, as on a host
         wheel = build_wheel(REPO, tmp_path_factory.mktemp("install-dist"))
         h = Host(root, pbx, f"{INNER}/wheelhouse/{wheel.name}", "")
         version = "import sys; print('%d%d' % sys.version_info[:2])"
@@ -132,12 +131,13 @@ def test_install_lays_out_the_runtime(host: Host) -> None:
     assert got == want
 
 
-def test_install_again_keeps_the_config(host: Host) -> None:
+def test_install_again_from_the_checkout_keeps_the_config(host: Host) -> None:
     config = host.root / CONFIG.lstrip("/")
     text = config.read_text() + "# the admin's edit\n"
     config.write_text(text)
-    out = host.install().stdout
+    out = host.install(from_checkout=True).stdout  # the wheel built from the checkout copy
     assert f"kept {CONFIG}" in out and "added the system user" not in out, out
+    assert "prepaid, version 0.1.0" in out, out
     assert config.read_text() == text
     assert host.run("stat", "-c", "%a %U:%G", CONFIG).stdout.split() == ["640", f"root:{USER}"]
 
