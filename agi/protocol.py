@@ -21,6 +21,8 @@ HEADER_TIMEOUT = 5.0  # seconds for the whole header
 COMMAND_TIMEOUT = 30.0  # seconds for one reply (STREAM FILE waits for the prompt to end)
 
 _HEADER_RE = re.compile(r"^(agi_[a-z0-9_]{1,40}):(?: (.*))?$")
+# A value MSet takes as it is: no ',' or '=' (its separators), quotes, spaces or '$'.
+_PLAIN_VALUE = re.compile(r"[A-Za-z0-9_.+@/:-]*")
 _REPLY_RE = re.compile(r"^(\d{3})(?: result=(-?\d+)(?: \((.*)\))?(?: (.*))?)?")
 
 
@@ -189,9 +191,29 @@ class AgiSession:
     async def set_variable(self, name: str, value: str) -> None:
         await self.command(f"SET VARIABLE {name} {quote(value)}")
 
+    async def set_variables(self, values: dict[str, str]) -> None:
+        """Several variables in one round trip (``EXEC MSet``, as the dialplan's
+        ``MSet(a=1,b=2)``): each command waits for Asterisk's channel thread, which is what
+        a loaded PBX is short of. A value MSet would split goes by SET VARIABLE."""
+        plain = {k: v for k, v in values.items() if _PLAIN_VALUE.fullmatch(v)}
+        if plain:
+            pairs = ",".join(f"{k}={v}" for k, v in plain.items())
+            if (await self.command(f"EXEC MSet {pairs}")).result == -2:  # no such application
+                plain = {}
+        for name, value in values.items():
+            if name not in plain:
+                await self.set_variable(name, value)
+
     async def get_variable(self, name: str) -> str | None:
         reply = await self.command(f"GET VARIABLE {name}")
         return reply.data if reply.result == 1 else None
+
+    async def get_full_variable(self, expression: str) -> str:
+        """``expression`` with the channel's variables and functions substituted, as the
+        dialplan would (``${CHANNEL(linkedid)}/${PREPAID_ACCOUNT}``): several values in
+        one round trip; unset ones are empty."""
+        reply = await self.command(f"GET FULL VARIABLE {quote(expression)}")
+        return reply.data if reply.result == 1 else ""
 
     async def answer(self) -> None:
         await self.command("ANSWER")

@@ -58,6 +58,13 @@ class RouteContext:
 
     outage: OutageLog
     metering: MeteringGate
+    # When each authorization in progress began (monotonic), oldest first.
+    authorizing: dict[int, float] = dataclasses.field(default_factory=dict)
+    refused_busy: int = 0  # calls refused BUSY in this spell (logged once, at its start)
+
+    def oldest(self, now: float) -> float:
+        """How long the oldest authorization in progress has been going on (s)."""
+        return now - next(iter(self.authorizing.values()), now)
 
 
 def new_context(store: Store, *, watching_since: float | None) -> RouteContext:
@@ -74,6 +81,19 @@ class _Progress:
     reserving: bool = False
     reserved: bool = False
     record: callrecord.CallRecord | None = None
+
+
+async def _caller(session: AgiSession, settings: Settings) -> tuple[str, str]:
+    """The paying account and the call's linkedid, in one AGI round trip (a linkedid never
+    holds '/'; an account that does fails check_account_id later)."""
+    sources = settings.agi.account_sources
+    if "variable" not in sources:
+        return (pick_account(sources, session.env, None),
+                await session.get_full_variable("${CHANNEL(linkedid)}"))
+    linkedid, _, variable = (
+        await session.get_full_variable("${CHANNEL(linkedid)}/${PREPAID_ACCOUNT}")
+    ).partition("/")
+    return pick_account(sources, session.env, variable), linkedid
 
 
 async def _account_id(session: AgiSession, settings: Settings) -> str:
@@ -159,28 +179,64 @@ async def _release(store: Store, progress: _Progress, ref: str, why: str) -> Non
 
 async def _set_variables(session: AgiSession, decision: Decision, account: str,
                          ref: str) -> None:
-    await session.set_variable("PREPAID_STATUS", decision.status.value)
-    await session.set_variable("PREPAID_REASON", decision.reason.value)
-    await session.set_variable("PREPAID_ACCOUNT", account)
-    await session.set_variable("PREPAID_CALLREF", ref)
-    await session.set_variable("PREPAID_MAX_SECONDS", str(decision.max_seconds))
-    await session.set_variable("PREPAID_DIAL_LIMIT", decision.dial_limit)
+    values = {"PREPAID_STATUS": decision.status.value, "PREPAID_REASON": decision.reason.value,
+              "PREPAID_ACCOUNT": account, "PREPAID_CALLREF": ref,
+              "PREPAID_MAX_SECONDS": str(decision.max_seconds),
+              "PREPAID_DIAL_LIMIT": decision.dial_limit}
     if decision.allowed:
-        await session.set_variable("LIMIT_WARNING_FILE", WARNING_FILE)
-        await session.set_variable("PREPAID_LOW_BALANCE", "1" if decision.low_balance else "0")
-        await session.set_variable("PREPAID_RING_SECONDS", str(decision.ring_seconds))
-        await session.set_variable("PREPAID_TIMEOUT", str(decision.timeout))
+        values |= {"LIMIT_WARNING_FILE": WARNING_FILE,
+                   "PREPAID_LOW_BALANCE": "1" if decision.low_balance else "0",
+                   "PREPAID_RING_SECONDS": str(decision.ring_seconds),
+                   "PREPAID_TIMEOUT": str(decision.timeout)}
+    await session.set_variables(values)
 
 
 async def authorize(session: AgiSession, store: Store, ctx: RouteContext) -> Decision:
-    """Decide whether the caller may dial, reserve the first block, tell the dialplan."""
+    """Decide whether the caller may dial, reserve the first block, tell the dialplan.
+
+    While an authorization in progress has taken longer than ``[agi] busy_seconds``, refuse
+    at once (ERROR, BUSY): an overloaded server refuses cleanly instead of letting every new
+    call wait out ``[agi] timeout``. A burst the server keeps up with is served whole."""
+    now = time.monotonic()
+    oldest = ctx.oldest(now)
+    if oldest > store.settings.agi.busy_seconds:
+        return await _refuse_busy(session, store, ctx, oldest)
+    if ctx.refused_busy:
+        log.info("authorizing again: %s call(s) were refused BUSY", ctx.refused_busy)
+        ctx.refused_busy = 0
+    key = id(session)
+    ctx.authorizing[key] = now
+    try:
+        return await _authorize(session, store, ctx)
+    finally:
+        del ctx.authorizing[key]
+
+
+async def _refuse_busy(session: AgiSession, store: Store, ctx: RouteContext,
+                       oldest: float) -> Decision:
+    settings = store.settings
+    decision = deny(Reason.BUSY, policy_of(settings))
+    ref = session.env.get("agi_uniqueid", "").strip()
+    if not ctx.refused_busy:
+        log.warning("an authorization has taken %.1f s ([agi] busy_seconds %g), %s in "
+                    "progress: new calls are refused (ERROR BUSY) until they are quicker",
+                    oldest, settings.agi.busy_seconds, len(ctx.authorizing))
+    ctx.refused_busy += 1
+    metrics.AUTHORIZATIONS.labels(decision.status.value, decision.reason.value).inc()
+    log.info("call %s: %s %s (%s being authorized, the oldest for %.1f s)", ref,
+             decision.status.value, decision.reason.value, len(ctx.authorizing), oldest)
+    await _set_variables(session, decision, "", ref)
+    return decision
+
+
+async def _authorize(session: AgiSession, store: Store, ctx: RouteContext) -> Decision:
     settings = store.settings
     outage = ctx.outage
     policy = policy_of(settings)
     ref = session.env.get("agi_uniqueid", "").strip()
     number = dialed_number(session.args, session.env)
     progress = _Progress()
-    account_id = await _account_id(session, settings)
+    account_id, linkedid = await _caller(session, settings)
     started = time.monotonic()
     if not ref:
         log.warning("AGI authorize without agi_uniqueid from channel %r; refused",
@@ -198,7 +254,6 @@ async def authorize(session: AgiSession, store: Store, ctx: RouteContext) -> Dec
                     decision = await _store_phase(store, account_id, number, ref, policy,
                                                   progress)
                 if decision.allowed and progress.record is not None:
-                    linkedid = await session.get_variable("CHANNEL(linkedid)") or ""
                     progress.record = record = dataclasses.replace(
                         progress.record, linkedid=linkedid, authorized=time.time(),
                         channel=session.env.get("agi_channel", ""))

@@ -53,7 +53,7 @@ class AsteriskClock:
 
 # An event and its time (us, Asterisk's): its Timestamp, else when it was read; None for
 # the answers to our own actions (list items), which say nothing about time.
-Queued = tuple[Message, int | None]
+Queued = tuple[Message, int | None, float]  # the event, its time (us), when it was read
 
 
 async def handle_safely(meter: Meter, msg: Message, received_us: int | None = None) -> None:
@@ -97,13 +97,34 @@ class LiveRunner:
         self.stamped: bool | None = None  # whether this session's events carry Timestamps
         self._tried = False
         self._ending = False
+        # The most metering trailed Asterisk since the last heartbeat, in seconds: an event
+        # metered this long after it was read, or a tick that started this late.
+        self.lag = 0.0
+        self._lag_logged = False
+
+    def _trailed(self, seconds: float) -> None:
+        self.lag = max(self.lag, seconds)
 
     def state(self) -> str | None:
-        """What the heartbeat tells authorization: up, behind (the queue is half full) or
-        down (no AMI session); None before the first connection attempt has ended."""
+        """What the heartbeat tells authorization: up, behind (the queue is half full, or
+        metering trailed by more than [ami] behind_seconds since the last beat: a call
+        allowed now would be metered late) or down (no AMI session); None before the first
+        connection attempt has ended."""
         if self.connected.is_set():
             queue = self.queue
-            return "behind" if queue is not None and queue.qsize() > queue.maxsize // 2 else "up"
+            if queue is not None and queue.qsize() > queue.maxsize // 2:
+                return "behind"
+            if self.lag > self.settings.behind_seconds:
+                if not self._lag_logged:
+                    self._lag_logged = True
+                    log.warning("metering trails the AMI link by %.1f s ([ami] behind_seconds "
+                                "%g): new calls are refused until it catches up", self.lag,
+                                self.settings.behind_seconds)
+                return "behind"
+            if self._lag_logged:
+                self._lag_logged = False
+                log.info("metering has caught up with the AMI link")
+            return "up"
         return "down" if self._tried else None
 
     async def beat(self, stop: asyncio.Event, every: float = 1.0) -> None:
@@ -112,6 +133,7 @@ class LiveRunner:
         outage = OutageLog(log, "Redis (metering heartbeat)")
         while not stop.is_set():
             state = self.state()
+            self.lag = 0.0  # each beat judges what happened since the one before
             if state is not None:
                 try:
                     await health.beat(self.meter.redis, self.meter.prefix,
@@ -204,7 +226,8 @@ class LiveRunner:
         self.meter.commands.send("CoreShowChannels")
         recovered.set()
         while not self._ending:
-            msg, received = await queue.get()
+            msg, received, read_at = await queue.get()
+            self._trailed(time.monotonic() - read_at)
             await handle_safely(self.meter, msg, received)
             if self._behind_logged and queue.qsize() < queue.maxsize // 2:
                 self._behind_logged = False
@@ -248,7 +271,7 @@ class LiveRunner:
                              "uses the time it reads them; charges still follow the CDR")
             if stamp is None and self.stamped is False and "ActionID" not in msg:
                 stamp = self.clock.now_us()  # the time it was read
-            await queue.put((msg, stamp))
+            await queue.put((msg, stamp, time.monotonic()))
 
     @property
     def backlog(self) -> int:
@@ -261,8 +284,13 @@ class LiveRunner:
         await recovered.wait()
         with contextlib.suppress(TimeoutError):  # an idle PBX sends no channel event
             await asyncio.wait_for(self._clock_known.wait(), CLOCK_WAIT_SECONDS)
+        began = time.monotonic()
         while True:
             await asyncio.sleep(self.tick)
+            # Late when the loop is starved or the last tick's ledger calls took long.
+            now = time.monotonic()
+            self._trailed(now - began - self.tick)
+            began = now
             try:
                 await self.meter.tick(self.clock.now_us())
             except Exception:

@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -94,6 +95,7 @@ class Step:
     asterisk_cpu: float = 0.0  # share of one core over the step
     machine_busy: float = 0.0  # share of all cores over the step
     decisions: dict[str, int] = field(default_factory=dict)
+    cpu: dict[str, float] = field(default_factory=dict)  # share of one core, by process
     examples: list[str] = field(default_factory=list)
 
     @property
@@ -114,13 +116,25 @@ class Step:
                 f"{self.holds_left / 1e6:.2f} EUR, {self.unsettled} calls not settled after "
                 f"{SETTLE_SECONDS} s, SIPp {self.sipp}, "
                 f"Asterisk CPU {100 * self.asterisk_cpu:.0f}%, machine "
-                f"{100 * self.machine_busy:.0f}%")
+                f"{100 * self.machine_busy:.0f}%, CPU by process "
+                + ", ".join(f"{k} {100 * v:.0f}%" for k, v in self.cpu.items()))
 
 
 def cpu_seconds(pid: int) -> float:
     """utime + stime of a process (all its threads), in seconds."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def process_cpu(pids: dict[str, int]) -> dict[str, float]:
+    """CPU seconds of each named process now (0 for one that is gone)."""
+    out: dict[str, float] = {}
+    for name, pid in pids.items():
+        try:
+            out[name] = cpu_seconds(pid)
+        except (OSError, IndexError, ValueError):
+            out[name] = 0.0
+    return out
 
 
 def machine_ticks() -> tuple[int, int]:
@@ -213,6 +227,18 @@ class Rig:
         self.pbx.stop()
         self.redis.cleanup()
 
+    def pids(self) -> dict[str, int]:
+        """The processes whose CPU a step reports: Asterisk, each service of serve, Redis."""
+        out: dict[str, int] = {}
+        if self.pbx.proc is not None:
+            out["asterisk"] = self.pbx.proc.pid
+        for name, pid in re.findall(r"service (\w+) started \(pid (\d+)\)",
+                                    self.log.read_text(errors="replace")):
+            out[name] = int(pid)  # the latest start of each
+        if self.redis.proc is not None:
+            out["redis"] = self.redis.proc.pid
+        return out
+
     def decisions(self, start: int) -> dict[str, int]:
         """Authorizations `prepaid serve` logged since offset ``start``, by outcome."""
         text = self.log.read_text(errors="replace")[start:]
@@ -263,7 +289,9 @@ async def one_step(rig: Rig, store: Store, settings: Settings, rate: float,
     serve_mark = len(rig.log.read_text(errors="replace"))
     assert rig.pbx.proc is not None
     pid = rig.pbx.proc.pid
+    pids = rig.pids()
     cpu0, (busy0, total0), t0 = cpu_seconds(pid), machine_ticks(), time.monotonic()
+    each0 = process_cpu(pids)
     run = start_calls(rig.pbx, specs, rate=rate, limit=int(rate * 15) + 10,
                       max_seconds=seconds + 60)
     try:
@@ -272,6 +300,8 @@ async def one_step(rig: Rig, store: Store, settings: Settings, rate: float,
     finally:
         run.kill()
     cpu1, (busy1, total1), t1 = cpu_seconds(pid), machine_ticks(), time.monotonic()
+    each1 = process_cpu(pids)
+    step.cpu = {k: (each1[k] - each0[k]) / max(t1 - t0, 1e-6) for k in pids}
     step.calls, step.seconds, step.peak_up = count, res.seconds, sampler.peak
     step.asterisk_cpu = (cpu1 - cpu0) / max(t1 - t0, 1e-6)
     step.machine_busy = (busy1 - busy0) / max(total1 - total0, 1)
@@ -348,7 +378,8 @@ def table(steps: list[Step]) -> str:
     return "\n".join(lines)
 
 
-def run(rates: list[float] | None = None, seconds: float | None = None) -> dict[str, Any]:
+def run(rates: list[float] | None = None, seconds: float | None = None,
+        keep: Path | None = None) -> dict[str, Any]:
     reason = pbx_unavailable_reason()
     if reason is not None:
         return {"skipped": reason}
@@ -363,6 +394,11 @@ def run(rates: list[float] | None = None, seconds: float | None = None) -> dict[
             settings = rig.start()
             steps = asyncio.run(_ramp(rig, settings, rates, seconds))
         finally:
+            if keep is not None:  # the logs, for reading after the run
+                keep.mkdir(parents=True, exist_ok=True)
+                for src, name in ((rig.log, "serve.log"), (rig.pbx.log_path, "full.log")):
+                    with contextlib.suppress(OSError):
+                        shutil.copy(src, keep / name)
             rig.stop()
     figures: dict[str, Any] = {f"{s.rate:g}/s": s.row() for s in steps}
     stopped = next((f"{s.rate:g}/s: {s.saturated}" for s in steps if s.saturated), "")
@@ -380,9 +416,10 @@ def main(argv: list[str]) -> int:
                     help="calls/s of each step, comma-separated (default %(default)s)")
     ap.add_argument("--seconds", type=float, default=STEP_SECONDS,
                     help="how long each rate is offered (default %(default)s)")
+    ap.add_argument("--keep", type=Path, help="copy prepaid serve's and Asterisk's logs here")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    figures = run([float(r) for r in args.rates.split(",")], args.seconds)
+    figures = run([float(r) for r in args.rates.split(",")], args.seconds, args.keep)
     print(figures.get("table", ""))
     print(json.dumps({k: v for k, v in figures.items() if k != "table"}, indent=2))
     return 0

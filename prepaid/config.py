@@ -78,6 +78,9 @@ class AmiSettings:
     # Events read but not yet metered; when full, metering is 'behind' and new calls are
     # refused until it has caught up.
     queue_size: int = 20_000
+    # Metering counts as behind (new calls refused, ERROR NO_METERING) once it meters events,
+    # or pays blocks, this many seconds late: a call allowed then would be metered late.
+    behind_seconds: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -93,6 +96,9 @@ class AgiSettings:
     ring_seconds: int = 60  # Dial's ring timeout; part of the call's first TIMEOUT(absolute)
     command_timeout: float = 30.0
     max_connections: int = 1000
+    # While an authorization in progress has taken longer than this, new calls are refused
+    # at once (ERROR, BUSY) instead of waiting out `timeout` on an overloaded server.
+    busy_seconds: float = 1.0
     # Refuse new calls (ERROR, NO_METERING) once this server's metering has been away, or
     # behind, for longer than this; allow_unmetered = true lets them through unbilled.
     metering_stale_seconds: float = 5.0

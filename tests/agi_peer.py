@@ -7,6 +7,7 @@ answers as Asterisk does (``200 result=1``, ``200 result=1 (value)``, ``HANGUP``
 from __future__ import annotations
 
 import asyncio
+import re
 import shlex
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -59,6 +60,16 @@ class AgiPeer:
         if verb == "SET VARIABLE" and len(words) == 4:
             self.set_vars[words[2]] = words[3]
             return ["200 result=1"]
+        if verb == "EXEC MSET" and len(words) == 3:  # MSet(a=1,b=2): split at ',' then '='
+            for pair in words[2].split(","):
+                name, _, value = pair.partition("=")
+                self.set_vars[name] = value
+            return ["200 result=0"]
+        if verb == "GET FULL" and len(words) == 4 and words[2].upper() == "VARIABLE":
+            # Asterisk substitutes every ${...}; a channel's linkedid is its uniqueid.
+            known = {"CHANNEL(linkedid)": self.env.get("agi_uniqueid", ""), **self.variables}
+            value = re.sub(r"\$\{([^}]*)\}", lambda m: known.get(m[1], ""), words[3])
+            return [f"200 result=1 ({value})"]
         if verb == "GET VARIABLE" and len(words) == 3:
             value = self.variables.get(words[2])
             return ["200 result=0"] if value is None else [f"200 result=1 ({value})"]
@@ -113,17 +124,18 @@ class AgiPeer:
 
 def variable_commands(status: str, reason: str, account: str, ref: str, max_seconds: str,
                       dial_limit: str, low_balance: str | None = None) -> list[str]:
-    """The SET VARIABLE lines the authorize route sends, in order."""
-    out = [f'SET VARIABLE PREPAID_STATUS "{status}"', f'SET VARIABLE PREPAID_REASON "{reason}"',
-           f'SET VARIABLE PREPAID_ACCOUNT "{account}"', f'SET VARIABLE PREPAID_CALLREF "{ref}"',
-           f'SET VARIABLE PREPAID_MAX_SECONDS "{max_seconds}"',
-           f'SET VARIABLE PREPAID_DIAL_LIMIT "{dial_limit}"']
+    """The command that sets the authorize route's variables: one EXEC MSet."""
+    pairs = [f"PREPAID_STATUS={status}", f"PREPAID_REASON={reason}",
+             f"PREPAID_ACCOUNT={account}", f"PREPAID_CALLREF={ref}",
+             f"PREPAID_MAX_SECONDS={max_seconds}", f"PREPAID_DIAL_LIMIT={dial_limit}"]
     if status == "ALLOWED":
-        out += ['SET VARIABLE LIMIT_WARNING_FILE "prepaid/credit-expires-in-one-minute"',
-                f'SET VARIABLE PREPAID_LOW_BALANCE "{low_balance or "0"}"',
-                'SET VARIABLE PREPAID_RING_SECONDS "60"',
-                f'SET VARIABLE PREPAID_TIMEOUT "{int(max_seconds) + 60}"']
-    return out
+        pairs += ["LIMIT_WARNING_FILE=prepaid/credit-expires-in-one-minute",
+                  f"PREPAID_LOW_BALANCE={low_balance or '0'}", "PREPAID_RING_SECONDS=60",
+                  f"PREPAID_TIMEOUT={int(max_seconds) + 60}"]
+    return ["EXEC MSet " + ",".join(pairs)]
+
+
+GET_CALLER = "GET FULL VARIABLE \"${CHANNEL(linkedid)}/${PREPAID_ACCOUNT}\""
 
 
 DENY_TAIL = ["ANSWER", 'STREAM FILE prepaid/call-cannot-be-completed ""', "HANGUP"]

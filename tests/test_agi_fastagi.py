@@ -10,12 +10,20 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from agi.callrecord import record_key
 from agi.server import AgiServer
 from prepaid import config
 from prepaid.config import Settings
 from prepaid.ratedeck import parse_csv
 from prepaid.store import Store, open_store
-from tests.agi_peer import DENY_TAIL, NO_CREDIT_TAIL, AgiPeer, agi_env, variable_commands
+from tests.agi_peer import (
+    DENY_TAIL,
+    GET_CALLER,
+    NO_CREDIT_TAIL,
+    AgiPeer,
+    agi_env,
+    variable_commands,
+)
 from tests.servers import RedisServer
 
 EUR = 1_000_000
@@ -23,8 +31,7 @@ DECK = """prefix,name,price_per_minute,connect_fee,initial_increment,increment
 49,Germany,0.06,0.10,60,60
 44,United Kingdom,0.012,0,30,6
 """
-GET_ACCOUNT = "GET VARIABLE PREPAID_ACCOUNT"
-GET_LINKEDID = "GET VARIABLE CHANNEL(linkedid)"
+GET_ACCOUNT = "GET VARIABLE PREPAID_ACCOUNT"  # the balance route
 
 
 def make_settings(redis_url: str, **agi: object) -> Settings:
@@ -65,7 +72,7 @@ async def test_enough_credit_sets_the_contract_variables_and_reserves_block_one(
                    variables={"CHANNEL(linkedid)": "1700000000.1"})
     commands = await peer.call(server.port)
     # 1 EUR = connect 0.10 + 15 minutes at 0.06: 900 s, warning one minute before the end.
-    assert commands == [GET_ACCOUNT, GET_LINKEDID, *variable_commands(
+    assert commands == [GET_CALLER, *variable_commands(
         "ALLOWED", "", "1001", "1700000000.1", "900", "900000:60000")]
     assert await store.ledger.holds("1001") == {"call:1700000000.1": 160_000}
     acct = await store.ledger.get("1001")
@@ -88,7 +95,7 @@ async def test_not_enough_credit_plays_balance_too_low_and_hangs_up(
     await account(store, "1001", 159_999)
     peer = AgiPeer(agi_env("1700000000.2", "00491701234567", callerid="1001"))
     commands = await peer.call(server.port)
-    assert commands == [GET_ACCOUNT, *variable_commands(
+    assert commands == [GET_CALLER, *variable_commands(
         "DENIED", "NO_CREDIT", "1001", "1700000000.2", "0", ""), *NO_CREDIT_TAIL]
     assert await store.ledger.holds("1001") == {}
     assert (await store.ledger.get("1001")).balance == 159_999
@@ -99,7 +106,7 @@ async def test_exactly_one_increment_allows_sixty_seconds_without_a_warning(
     store, server = agi
     await account(store, "1001", 160_000)
     commands = await AgiPeer(agi_env("r3", "00491701234567")).call(server.port)
-    assert commands[2:] == variable_commands("ALLOWED", "", "1001", "r3", "60", "60000:0")
+    assert commands[1:] == variable_commands("ALLOWED", "", "1001", "r3", "60", "60000:0")
     assert await store.ledger.holds("1001") == {"call:r3": 160_000}
     assert (await store.ledger.get("1001")).available == 0
 
@@ -141,7 +148,7 @@ async def test_two_calls_racing_the_last_credit_exactly_one_is_allowed(
 async def test_unknown_account_is_refused_with_its_prompt(agi: tuple[Store, AgiServer]) -> None:
     store, server = agi
     commands = await AgiPeer(agi_env("r6", "00491701234567", callerid="9999")).call(server.port)
-    assert commands == [GET_ACCOUNT, *variable_commands(
+    assert commands == [GET_CALLER, *variable_commands(
         "DENIED", "UNKNOWN_ACCOUNT", "9999", "r6", "0", ""), *DENY_TAIL]
 
 
@@ -207,7 +214,7 @@ async def test_account_sources_order_is_configurable(redis_url: str) -> None:
         peer = AgiPeer(agi_env("r12", "00491701234567", callerid="1001", accountcode="x"),
                        variables={"PREPAID_ACCOUNT": "x"})
         commands = await peer.call(server.port)
-        assert GET_ACCOUNT not in commands
+        assert commands[0] == 'GET FULL VARIABLE "${CHANNEL(linkedid)}"'  # no variable asked
         assert peer.set_vars["PREPAID_ACCOUNT"] == "1001"
     finally:
         await server.close()
@@ -229,22 +236,31 @@ async def test_hangup_on_deny_off_hands_back_to_the_dialplan(redis_url: str) -> 
         await store.rates.replace(parse_csv(DECK))
         await account(store, "1001", 0)
         commands = await AgiPeer(agi_env("r14", "00491701234567")).call(server.port)
-        assert commands == [GET_ACCOUNT, *variable_commands(
+        assert commands == [GET_CALLER, *variable_commands(
             "DENIED", "NO_CREDIT", "1001", "r14", "0", "")]
     finally:
         await server.close()
         await store.close()
 
 
-@pytest.mark.parametrize("at", ["SET VARIABLE PREPAID_STATUS", GET_LINKEDID,
-                                "SET VARIABLE PREPAID_LOW_BALANCE"])
-async def test_caller_hanging_up_during_authorization_releases_the_hold(
-        agi: tuple[Store, AgiServer], at: str) -> None:
+async def test_caller_hanging_up_before_authorization_reserves_nothing(
+        agi: tuple[Store, AgiServer]) -> None:
     store, server = agi
     await account(store, "1001", EUR)
-    peer = AgiPeer(agi_env("r15", "00491701234567"), hangup_at=at)
+    peer = AgiPeer(agi_env("r15", "00491701234567"), hangup_at="GET FULL VARIABLE")
+    assert await peer.call(server.port) == [GET_CALLER]
+    acct = await store.ledger.get("1001")
+    assert (acct.balance, acct.held) == (EUR, 0)
+    assert "reserve" not in [e.kind for e in await store.ledger.history("1001")]
+
+
+async def test_caller_hanging_up_during_authorization_releases_the_hold(
+        agi: tuple[Store, AgiServer]) -> None:
+    store, server = agi
+    await account(store, "1001", EUR)
+    peer = AgiPeer(agi_env("r15", "00491701234567"), hangup_at="EXEC MSet")
     commands = await peer.call(server.port)
-    assert commands[-1].startswith(at)  # nothing sent after the HANGUP
+    assert commands[-1].startswith("EXEC MSet")  # nothing sent after the HANGUP
     assert await store.ledger.holds("1001") == {}
     acct = await store.ledger.get("1001")
     assert (acct.balance, acct.held) == (EUR, 0)
@@ -354,3 +370,45 @@ async def test_a_live_call_transferred_back_into_the_context_is_not_authorized_a
     record = await store.redis.hgetall(key)
     assert (record[b"state"], record[b"blocks_paid"], record[b"number"]) == (
         b"answered", b"2", b"00491701234567")  # the live call's record is untouched
+
+
+async def test_while_an_authorization_is_slow_new_calls_are_refused_at_once(
+        redis_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="agi")
+    store, server = await start(make_settings(redis_url, busy_seconds=0.2))
+    try:
+        await store.rates.replace(parse_csv(DECK))
+        await account(store, "1001", EUR)
+        # Call one is being authorized: Asterisk has not answered its first command for
+        # longer than busy_seconds.
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        env = agi_env("slow", "00491701234567")
+        writer.write(("".join(f"{k}: {v}\n" for k, v in env.items()) + "\n").encode())
+        async with asyncio.timeout(3):
+            assert await reader.readline() == (GET_CALLER + "\n").encode()
+            await asyncio.sleep(0.3)  # the condition under test: 0.3 s > busy_seconds
+            # Call two: refused with one command, no prompt, nothing held, no call record.
+            peer = AgiPeer(agi_env("busy1", "00491701234567"))
+            assert await peer.call(server.port) == variable_commands(
+                "ERROR", "BUSY", "", "busy1", "0", "")
+            assert peer.closed_by_server
+            assert await store.ledger.holds("1001") == {}
+            assert not await store.redis.exists(record_key("prepaid", "busy1"))
+            # Call one goes on and is allowed; then call three is served again.
+            writer.write(b"200 result=1 (slow/)\n")
+            assert (await reader.readline()).startswith(b"EXEC MSet PREPAID_STATUS=ALLOWED,")
+            writer.write(b"200 result=0\n")
+            assert await reader.read() == b""
+        writer.close()
+        peer = AgiPeer(agi_env("after", "00491701234567"))
+        await peer.call(server.port)
+        assert peer.set_vars["PREPAID_STATUS"] == "ALLOWED"
+        assert set(await store.ledger.holds("1001")) == {"call:slow", "call:after"}
+    finally:
+        await server.close()
+        await store.close()
+    said = [r.getMessage() for r in caplog.records if "BUSY" in r.getMessage()
+            and r.name == "agi.routes" and "call busy1" not in r.getMessage()]
+    assert [m.split(" s (")[1] if " s (" in m else m for m in said] == [
+        "[agi] busy_seconds 0.2), 1 in progress: new calls are refused (ERROR BUSY) until "
+        "they are quicker", "authorizing again: 1 call(s) were refused BUSY"]

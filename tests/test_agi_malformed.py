@@ -10,7 +10,7 @@ import pytest
 from agi.server import AgiServer
 from prepaid.ratedeck import parse_csv
 from prepaid.store import Store, open_store
-from tests.agi_peer import AgiPeer, agi_env
+from tests.agi_peer import GET_CALLER, AgiPeer, agi_env
 from tests.test_agi_fastagi import DECK, make_settings
 
 
@@ -90,9 +90,9 @@ async def test_garbage_reply_ends_the_session_and_releases(agi: tuple[Store, Agi
     env = agi_env("g1", "00491701234567")
     writer.write(("".join(f"{k}: {v}\n" for k, v in env.items()) + "\n").encode())
     async with asyncio.timeout(3):
-        assert await reader.readline() == b"GET VARIABLE PREPAID_ACCOUNT\n"
-        writer.write(b"200 result=0\n")
-        assert await reader.readline() == b"GET VARIABLE CHANNEL(linkedid)\n"
+        assert await reader.readline() == (GET_CALLER + "\n").encode()
+        writer.write(b"200 result=1 (g1/)\n")
+        assert (await reader.readline()).startswith(b"EXEC MSet PREPAID_STATUS=ALLOWED,")
         writer.write(b"this is not AGI\n")
         assert await reader.read() == b""
     writer.close()
@@ -107,10 +107,8 @@ async def test_peer_vanishing_mid_session_releases(agi: tuple[Store, AgiServer])
     writer.write(("".join(f"{k}: {v}\n" for k, v in env.items()) + "\n").encode())
     async with asyncio.timeout(3):
         await reader.readline()
-        writer.write(b"200 result=0\n")
-        await reader.readline()
-        writer.write(b"200 result=0\n")
-        assert (await reader.readline()).startswith(b"SET VARIABLE PREPAID_STATUS")
+        writer.write(b"200 result=1 (g2/)\n")
+        assert (await reader.readline()).startswith(b"EXEC MSet PREPAID_STATUS=ALLOWED,")
     writer.close()
     await writer.wait_closed()
     for _ in range(300):  # polling a condition with a deadline (3 s)

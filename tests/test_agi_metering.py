@@ -21,8 +21,8 @@ from prepaid.health import MeterBeat, MeteringGate, beat, judge, meter_key, read
 from prepaid.ledger import RedisClient, connect
 from prepaid.ratedeck import parse_csv
 from prepaid.store import Store
-from tests.agi_peer import DENY_TAIL, AgiPeer, agi_env, variable_commands
-from tests.test_agi_fastagi import DECK, EUR, GET_ACCOUNT, account, make_settings, start
+from tests.agi_peer import DENY_TAIL, GET_CALLER, AgiPeer, agi_env, variable_commands
+from tests.test_agi_fastagi import DECK, EUR, account, make_settings, start
 
 NUMBER = "00491701234567"
 PREFIX = "prepaid"
@@ -64,7 +64,7 @@ async def test_a_heartbeat_older_than_the_limit_refuses_no_metering(
     store, server = gated
     await old_beat(store.redis, age=6.0)
     peer = await call(server, "m1")
-    assert peer.commands == [GET_ACCOUNT, *variable_commands(
+    assert peer.commands == [GET_CALLER, *variable_commands(
         "ERROR", "NO_METERING", "1001", "m1", "0", ""), *DENY_TAIL]
     # Refused before anything was reserved or recorded.
     assert await store.ledger.holds("1001") == {}

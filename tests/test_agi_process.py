@@ -14,7 +14,14 @@ from prepaid.health import beat
 from prepaid.ledger import Ledger
 from prepaid.ratedeck import parse_csv
 from prepaid.ratestore import RateStore
-from tests.agi_peer import DENY_TAIL, NO_CREDIT_TAIL, AgiPeer, agi_env, variable_commands
+from tests.agi_peer import (
+    DENY_TAIL,
+    GET_CALLER,
+    NO_CREDIT_TAIL,
+    AgiPeer,
+    agi_env,
+    variable_commands,
+)
 from tests.test_agi_fastagi import DECK
 
 AGI_BIN = Path(sys.executable).parent / "prepaid-agi"
@@ -55,7 +62,7 @@ async def test_process_agi_allows_with_the_same_variables(conf: Path, ledger: Le
     peer = AgiPeer(agi_env("p1", "00491701234567", agi_request="prepaid-agi",
                            agi_network="no", agi_network_script="", agi_arg_1="authorize"))
     assert await run_agi(conf, peer, "authorize") == 0
-    assert peer.commands == ["GET VARIABLE PREPAID_ACCOUNT", "GET VARIABLE CHANNEL(linkedid)",
+    assert peer.commands == [GET_CALLER,
                              *variable_commands("ALLOWED", "", "1001", "p1", "900",
                                                 "900000:60000")]
     assert await ledger.holds("1001") == {"call:p1": 160_000}
@@ -72,9 +79,9 @@ async def test_process_agi_number_argument_and_denial(conf: Path, ledger: Ledger
 async def test_process_agi_sighup_releases_the_hold(conf: Path, ledger: Ledger) -> None:
     await ledger.create_account("1001", currency="EUR")
     await ledger.credit("1001", 1_000_000, key="seed")
-    peer = AgiPeer(agi_env("p3", "00491701234567"), hangup_at="SET VARIABLE PREPAID_STATUS")
+    peer = AgiPeer(agi_env("p3", "00491701234567"), hangup_at="EXEC MSet")
     assert await run_agi(conf, peer, "authorize", hup=True) == 0
-    assert peer.commands[-1].startswith("SET VARIABLE PREPAID_STATUS")
+    assert peer.commands[-1].startswith("EXEC MSet PREPAID_STATUS=")
     assert await ledger.holds("1001") == {}
     assert (await ledger.get("1001")).available == 1_000_000
 

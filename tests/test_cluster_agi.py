@@ -10,10 +10,10 @@ from agi.server import AgiServer
 from prepaid.health import beat, meter_key, read_all
 from prepaid.store import Store
 from tests import test_agi_fastagi as single_redis
-from tests.agi_peer import AgiPeer, agi_env, variable_commands
+from tests.agi_peer import GET_CALLER, AgiPeer, agi_env, variable_commands
 from tests.cluster import Cluster
 from tests.cluster_fixtures import cluster, cluster_url, redis_url, reused_tests  # noqa: F401
-from tests.test_agi_fastagi import EUR, GET_ACCOUNT, GET_LINKEDID, account, agi  # noqa: F401
+from tests.test_agi_fastagi import EUR, account, agi  # noqa: F401
 
 _REUSED = reused_tests(single_redis)
 assert len(_REUSED) >= 15, "tests/test_agi_fastagi.py changed shape"
@@ -32,7 +32,7 @@ async def test_authorization_spans_slots_of_three_primaries(
         peer = AgiPeer(agi_env(ref, "00491701234567", callerid=ident),
                        variables={"CHANNEL(linkedid)": ref})
         commands = await peer.call(server.port)
-        assert commands == [GET_ACCOUNT, GET_LINKEDID, *variable_commands(
+        assert commands == [GET_CALLER, *variable_commands(
             "ALLOWED", "", ident, ref, "900", "900000:60000")]
         assert await store.ledger.holds(ident) == {f"call:{ref}": 160_000}
         record = await store.redis.hgetall(f"prepaid:callref:{ref}")
