@@ -12,7 +12,6 @@ from enum import StrEnum
 
 from prepaid.rating import Rate, affordable_blocks, block_cost, max_call_seconds
 
-WARNING_FILE = "prepaid/credit-expires-in-one-minute"
 PROMPT_NO_CREDIT = "prepaid/balance-too-low"
 PROMPT_REFUSED = "prepaid/call-cannot-be-completed"
 PROMPT_LOW_BALANCE = "prepaid/low-balance-warning"

@@ -15,10 +15,8 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from agi import callrecord
 from agi.decision import (
     PROMPT_REFUSED,
-    WARNING_FILE,
     Decision,
     Policy,
     Reason,
@@ -30,7 +28,8 @@ from agi.decision import (
 )
 from agi.protocol import AgiError, AgiHangup, AgiSession
 from agi.speech import balance_speech
-from prepaid import metrics
+from prepaid import callrecord, metrics
+from prepaid.callrecord import WARNING_FILE
 from prepaid.config import Settings
 from prepaid.errors import InputError, LedgerError, RateError, StoreUnavailable, UnknownAccount
 from prepaid.health import MeteringGate
@@ -169,8 +168,7 @@ async def _release(store: Store, progress: _Progress, ref: str, why: str) -> Non
                 if exc.code != "NO_HOLD":
                     raise
             if progress.record is not None:
-                await callrecord.set_state(store.redis, store.settings.redis.key_prefix, ref,
-                                           "released")
+                await callrecord.released(store.redis, store.settings.redis.key_prefix, ref)
         log.info("call %s from %s: hold released (%s)", ref, progress.account, why)
     except (TimeoutError, StoreUnavailable, LedgerError) as exc:
         log.error("call %s from %s: could not release hold %s: %s", ref, progress.account,

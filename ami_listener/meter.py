@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from agi.callrecord import CallRecord, hold_id, record_key
 from ami_listener.cdrfile import CdrFile
 from ami_listener.protocol import timestamp_us
 from ami_listener.tracker import (
@@ -45,7 +44,8 @@ from ami_listener.tracker import (
     ReleaseHold,
     Tracker,
 )
-from prepaid import metrics
+from prepaid import callrecord, metrics
+from prepaid.callrecord import WARNING_FILE, CallRecord, hold_id, record_key, record_pattern
 from prepaid.errors import LedgerError, StoreUnavailable, UnknownAccount
 from prepaid.ledger import REDIS_ERRORS, Ledger, RedisClient
 from prepaid.rating import billed_seconds, block_cost, cost
@@ -53,21 +53,12 @@ from prepaid.rating import billed_seconds, block_cost, cost
 log = logging.getLogger(__name__)
 
 HISTORY_MAX = 10_000  # call records kept per account
-WARNING_FILE = "prepaid/credit-expires-in-one-minute"
 
 RECOVER_BATCH = 500  # call records read in one round trip after a (re)connect
-FINISHED_TTL = 7 * 86400  # a settled call not yet in the account's history waits this long
-ENDED_TTL = 3600
 
 # A finished call is written in three steps of one cluster slot each, every one safe to
 # repeat, so a crash between them loses nothing and doubles nothing:
-# 1. the call record keeps the first finisher's settlement (the call record's slot);
-_FINISH_LUA = """
-redis.call('HSETNX', KEYS[1], 'finished', ARGV[1])
-redis.call('HSETNX', KEYS[1], 'settlement', ARGV[2])
-redis.call('EXPIRE', KEYS[1], ARGV[3])
-return redis.call('HGET', KEYS[1], 'settlement')
-"""
+# 1. the call record keeps the first finisher's settlement (callrecord.finish);
 # 2. the account's call history logs that settlement once per reference (the account's);
 _LOG_LUA = """
 if redis.call('ZADD', KEYS[2], 'NX', ARGV[2], ARGV[1]) == 0 then return 0 end
@@ -75,13 +66,8 @@ redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', unpack(ARGV, 4))
 redis.call('ZREMRANGEBYRANK', KEYS[2], 0, -2 * tonumber(ARGV[3]) - 1)
 return 1
 """
-# 3. the call record is marked ended.  Recovery completes a record left 'finished' but
-#    not 'ended' by a crash (see Meter.recover).
-_ENDED_LUA = """
-redis.call('HSET', KEYS[1], 'state', 'ended', 'logged', ARGV[1])
-redis.call('EXPIRE', KEYS[1], ARGV[2])
-return 1
-"""
+# 3. the call record is marked ended (callrecord.ended).  Recovery completes a record left
+#    'finished' but not 'ended' by a crash (see Meter.recover).
 
 
 # Actions carried out without Redis (AMI, the CDR file): done even while it is away.
@@ -178,9 +164,7 @@ class Meter:
         self.down = False
         self.settled: list[Settlement] = []  # the last few, for tests and the benchmark
         self.errors = 0
-        self._finish = self.redis.register_script(_FINISH_LUA)
         self._log = self.redis.register_script(_LOG_LUA)
-        self._ended = self.redis.register_script(_ENDED_LUA)
         self._lock = asyncio.Lock()
         self._handlers: dict[type[Any], Callable[[Any], Awaitable[list[Action]]]] = {
             Lookup: self._lookup, PayBlock: self._pay, ReleaseHold: self._release_hold,
@@ -230,7 +214,7 @@ class Meter:
         out = []
         unlogged = []
         try:
-            keys = [k async for k in self.redis.scan_iter(f"{self.prefix}:callref:*",
+            keys = [k async for k in self.redis.scan_iter(record_pattern(self.prefix),
                                                           count=1000)]
             keys = [k for k in keys if on_server(_text(k).rsplit(":", 1)[1], self.system_name)]
             for start in range(0, len(keys), RECOVER_BATCH):
@@ -299,8 +283,7 @@ class Meter:
         return []
 
     async def _note_cdr(self, action: NoteCdr) -> list[Action]:
-        await self._call(self.redis.hset(record_key(self.prefix, action.ref), "cdr_billsec",
-                                         str(action.billsec)))
+        await callrecord.note_cdr(self.redis, self.prefix, action.ref, action.billsec)
         return []
 
     async def _find_cdr(self, action: FindCdr) -> list[Action]:
@@ -339,9 +322,8 @@ class Meter:
             if exc.code != "IDEM_CONFLICT":
                 raise
             log.warning("call %s: block %s was already paid with another amount", ref, n)
-        await self._call(self.redis.hset(record_key(self.prefix, ref), mapping={
-            "state": "answered", "answered_at": f"{action.answered_us / US:.6f}",
-            "blocks_paid": str(n)}))
+        await callrecord.answered(self.redis, self.prefix, ref, answered_us=action.answered_us,
+                                  blocks_paid=n)
         return self.tracker.paid(ref, n)
 
     async def _pay_block(self, account: str, ref: str, n: int, amount: int, *,
@@ -424,10 +406,8 @@ class Meter:
                        None if f.ended_us is None else f.ended_us / US, duration,
                        billed_seconds(rate, duration), charged, blocks, f.cause, f.source,
                        cutoff)
-        stored = await self._call(self._finish(
-            keys=[record_key(self.prefix, f.ref)],
-            args=[f"{time.time():.3f}", json.dumps(s.fields()), str(FINISHED_TTL)]))
-        first = _settlement(_text(stored)) if isinstance(stored, (bytes, str)) else None
+        stored = await callrecord.finish(self.redis, self.prefix, f.ref, json.dumps(s.fields()))
+        first = _settlement(stored) if stored is not None else None
         await self._log_settled(f.ref, f.account, first or s.fields())  # the first finisher's
         self.settled = (self.settled + [s])[-100:]
         self.tracker.finished(f.ref)
@@ -441,8 +421,7 @@ class Meter:
         await self._call(self._log(
             keys=[calls_key(self.ledger, account), logged_key(self.ledger, account)],
             args=[ref, now, str(HISTORY_MAX), *args]))
-        await self._call(self._ended(keys=[record_key(self.prefix, ref)],
-                                     args=[now, str(ENDED_TTL)]))
+        await callrecord.ended(self.redis, self.prefix, ref, now)
 
     # -- Redis health -----------------------------------------------------------------
     async def _call(self, coro: object) -> object:

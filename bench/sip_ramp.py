@@ -45,8 +45,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agi.callrecord import record_key
 from bench.common import percentile
+from prepaid.callrecord import record_key
 from prepaid.config import Settings, parse
 from prepaid.ratedeck import parse_csv
 from prepaid.rating import cost

@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agi import callrecord
-from agi.callrecord import CallRecord, hold_id
 from ami_listener.meter import Meter
 from ami_listener.protocol import Message, MessageSplitter, encode, split, timestamp_us
 from ami_listener.runners import LiveRunner
+from prepaid import callrecord
+from prepaid.callrecord import CallRecord, hold_id
 from prepaid.config import AmiSettings
 from prepaid.ledger import Ledger
 from prepaid.rating import Rate, block_cost

@@ -32,9 +32,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agi.callrecord import record_key
 from ami_listener.meter import calls_key
 from ami_listener.protocol import Message, split
+from prepaid.callrecord import record_key
 from prepaid.config import Settings, parse
 from prepaid.ratedeck import Normalisation, parse_csv
 from prepaid.rating import Rate, block_cost

@@ -10,9 +10,10 @@ from click.testing import CliRunner
 
 from agi import decision, speech
 from agi.commands import PROMPTS, sounds, sounds_install
+from prepaid.callrecord import WARNING_FILE
 
 PLAYED = {decision.PROMPT_NO_CREDIT, decision.PROMPT_REFUSED, decision.PROMPT_LOW_BALANCE,
-          decision.WARNING_FILE, "prepaid/your-balance-is", "prepaid/account-unknown",
+          WARNING_FILE, "prepaid/your-balance-is", "prepaid/account-unknown",
           "prepaid/and", "prepaid/cents", "prepaid/minus", speech.GENERIC_CURRENCY,
           *speech.CURRENCY_PROMPTS.values()}
 

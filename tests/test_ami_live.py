@@ -10,10 +10,10 @@ from collections.abc import AsyncIterator
 import pytest
 from click.testing import CliRunner
 
-from agi.callrecord import record_key
 from ami_listener.commands import calls_cmd
 from ami_listener.meter import Meter, calls_key
 from ami_listener.runners import LiveRunner
+from prepaid.callrecord import record_key
 from prepaid.config import AmiSettings, RedisSettings, Settings
 from prepaid.ledger import Ledger
 from prepaid.rating import block_cost, cost

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from agi.callrecord import record_key
 from ami_listener.meter import Meter, calls_key
 from ami_listener.runners import replay
 from ami_listener.tracker import US
+from prepaid.callrecord import record_key
 from prepaid.ledger import Ledger
 from prepaid.rating import Rate, block_cost, cost
 from tests.ami_peer import FIXTURES, PER_SECOND, RECORDINGS, Sent, authorize, load, open_account

@@ -16,11 +16,11 @@ from typing import Any
 
 import pytest
 
-from agi.callrecord import record_key
 from ami_listener.meter import Meter, calls_key
 from ami_listener.protocol import Message, timestamp_us
 from ami_listener.runners import replay
 from ami_listener.tracker import US
+from prepaid.callrecord import record_key
 from prepaid.ledger import Entry, Ledger
 from prepaid.rating import Rate, block_cost, cost
 from tests.ami_peer import (

@@ -13,9 +13,10 @@ import pytest
 from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 
-from agi.callrecord import record_key
 from ami_listener.meter import Meter, calls_key, logged_key
 from ami_listener.runners import replay
+from prepaid import callrecord
+from prepaid.callrecord import record_key
 from prepaid.ledger import Ledger
 from prepaid.rating import cost
 from tests import test_ami_meter as single_redis
@@ -32,7 +33,7 @@ class Crash(BaseException):
     """Stands for the listener process dying: nothing in the meter catches it."""
 
 
-async def crash(**_: Any) -> None:
+async def crash(*_: Any, **__: Any) -> None:
     raise Crash()
 
 
@@ -52,16 +53,18 @@ async def test_the_call_record_and_the_account_are_in_different_slots(
         logged_key(ledger, "alice").encode()) == key_slot(ledger.account_key("alice").encode())
 
 
-@pytest.mark.parametrize("step", ["_log", "_ended"])
-async def test_a_settlement_cut_short_is_completed_after_a_restart(ledger: Ledger,
-                                                                   step: str) -> None:
+@pytest.mark.parametrize("step", ["_log", "ended"])
+async def test_a_settlement_cut_short_is_completed_after_a_restart(
+        ledger: Ledger, step: str, monkeypatch: pytest.MonkeyPatch) -> None:
     rec = load(SHARED / "answered-callee-hangs-up.ami")
     await open_account(ledger, START)
     await authorize(ledger, rec.ref, rec.channel, rec.number, PER_SECOND)
     dying = Meter(ledger)
-    setattr(dying, step, crash)  # dies before logging the call / before marking it ended
-    with pytest.raises(Crash):
-        await replay(dying, rec.messages)
+    with monkeypatch.context() as patch:
+        # Dies before logging the call / before marking it ended.
+        patch.setattr(*((dying, "_log") if step == "_log" else (callrecord, "ended")), crash)
+        with pytest.raises(Crash):
+            await replay(dying, rec.messages)
     charged = START - cost(PER_SECOND, 3)
     assert (await ledger.get("alice")).balance == charged  # the money steps were done
     record = await ledger.redis.hgetall(record_key("prepaid", rec.ref))

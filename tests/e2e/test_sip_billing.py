@@ -36,7 +36,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from agi.callrecord import record_key
+from prepaid.callrecord import record_key
 from prepaid.config import Settings, parse
 from prepaid.ledger import Entry
 from prepaid.ratedeck import parse_csv

@@ -30,8 +30,8 @@ from typing import Any, TypeVar
 
 import pytest
 
-from agi.callrecord import record_key
 from ami_listener.meter import calls_key
+from prepaid.callrecord import record_key
 from prepaid.config import Settings, parse
 from prepaid.ledger import Account, Entry
 from prepaid.ratedeck import Normalisation, parse_csv

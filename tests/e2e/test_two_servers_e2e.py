@@ -26,8 +26,8 @@ from pathlib import Path
 
 import pytest
 
-from agi.callrecord import record_key
 from ami_listener.meter import calls_key
+from prepaid.callrecord import record_key
 from prepaid.ledger import Entry
 from prepaid.rating import block_cost, cost
 from prepaid.store import Store, open_store

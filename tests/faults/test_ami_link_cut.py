@@ -9,11 +9,11 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from agi import callrecord
 from ami_listener.commands import recent_calls
 from ami_listener.meter import Meter
 from ami_listener.protocol import Message
 from ami_listener.runners import LiveRunner
+from prepaid import callrecord
 from prepaid.config import AmiSettings
 from prepaid.ledger import Ledger
 from prepaid.rating import Rate, cost, covered_seconds

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from agi import callrecord
 from ami_listener.commands import recent_calls
+from prepaid import callrecord
 from prepaid.ledger import Ledger, connect
 from prepaid.ratedeck import parse_csv
 from prepaid.ratestore import RateStore

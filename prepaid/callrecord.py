@@ -1,0 +1,179 @@
+"""The live-call record: the contract between the AGI, which authorizes a call, and the
+listener, which meters it. Every write of a record goes through this module.
+
+Key ``<prefix>:callref:<ref>``, a hash with account, number, digits, rate (JSON of the Rate),
+hold, max_seconds, authorized, channel, uniqueid, linkedid, state, and later answered_at,
+blocks_paid, cdr_billsec, finished, settlement, logged. Its ``state``:
+
+- ``authorized`` (:func:`write`, the AGI): the first block is held as ``hold_id(ref)``;
+- ``released`` (:func:`released`, the AGI): the call did not go ahead, the hold is back;
+- ``answered`` (:func:`answered`, the listener): blocks are being paid;
+- ``ended`` (:func:`ended`, the listener), after :func:`finish` kept the first finisher's
+  settlement: the call is in the account's history.
+
+It expires max_seconds + 3600 s after authorization, FINISHED_TTL after it is finished
+and ENDED_TTL after it has ended.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from prepaid.errors import StoreUnavailable
+from prepaid.ledger import REDIS_ERRORS, RedisClient
+from prepaid.rating import Rate
+
+EXPIRY_MARGIN = 3600
+FINISHED_TTL = 7 * 86400  # a settled call not yet in the account's history waits this long
+ENDED_TTL = 3600
+# The prompt Asterisk plays a minute before a call's credit ends: the AGI names it for
+# Dial's L() and the listener for its ChanSpy whisper.
+WARNING_FILE = "prepaid/credit-expires-in-one-minute"
+
+# One key each: scripts, not MULTI, so they run alike on a single Redis and a Cluster.
+_WRITE_LUA = """
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+return 1
+"""
+_STATE_LUA = """
+redis.call('HSET', KEYS[1], 'state', ARGV[1])
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+return 1
+"""
+# A finished call is written in three steps of one cluster slot each, every one safe to
+# repeat (ami_listener/meter.py): 1. the record keeps the first finisher's settlement;
+_FINISH_LUA = """
+redis.call('HSETNX', KEYS[1], 'finished', ARGV[1])
+redis.call('HSETNX', KEYS[1], 'settlement', ARGV[2])
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+return redis.call('HGET', KEYS[1], 'settlement')
+"""
+# 2. the account's history logs it; 3. the record is marked ended. Recovery completes a
+# record left 'finished' but not 'ended' by a crash.
+_ENDED_LUA = """
+redis.call('HSET', KEYS[1], 'state', 'ended', 'logged', ARGV[1])
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+return 1
+"""
+
+
+def record_key(prefix: str, ref: str) -> str:
+    return f"{prefix}:callref:{ref}"
+
+
+def record_pattern(prefix: str) -> str:
+    """Every record's key, for SCAN; the reference is the key's last part."""
+    return f"{prefix}:callref:*"
+
+
+def hold_id(ref: str) -> str:
+    """The ledger hold of the call's first block."""
+    return f"call:{ref}"
+
+
+@dataclass(frozen=True, slots=True)
+class CallRecord:
+    account: str
+    number: str
+    digits: str
+    rate: Rate
+    hold: int
+    max_seconds: int
+    channel: str
+    uniqueid: str
+    linkedid: str = ""
+    authorized: float = 0.0
+    state: str = "authorized"
+
+    def to_hash(self) -> dict[str, str]:
+        return {
+            "account": self.account, "number": self.number, "digits": self.digits,
+            "rate": json.dumps(dataclasses.asdict(self.rate)), "hold": str(self.hold),
+            "max_seconds": str(self.max_seconds),
+            "authorized": f"{self.authorized or time.time():.3f}", "channel": self.channel,
+            "uniqueid": self.uniqueid, "linkedid": self.linkedid, "state": self.state,
+        }
+
+    @classmethod
+    def from_hash(cls, h: dict[str, str]) -> CallRecord:
+        return cls(account=h["account"], number=h.get("number", ""), digits=h.get("digits", ""),
+                   rate=Rate(**json.loads(h["rate"])), hold=int(h.get("hold", "0")),
+                   max_seconds=int(h.get("max_seconds", "0")), channel=h.get("channel", ""),
+                   uniqueid=h.get("uniqueid", ""), linkedid=h.get("linkedid", ""),
+                   authorized=float(h.get("authorized", "0")),
+                   state=h.get("state", "authorized"))
+
+
+async def write(client: RedisClient, prefix: str, record: CallRecord) -> None:
+    """A new record (state ``authorized``), replacing any older one of that reference."""
+    key = record_key(prefix, record.uniqueid)
+    fields = [x for kv in record.to_hash().items() for x in kv]
+    try:
+        await client.register_script(_WRITE_LUA)(
+            keys=[key], args=[str(record.max_seconds + EXPIRY_MARGIN), *fields])
+    except REDIS_ERRORS as exc:
+        raise StoreUnavailable(f"Redis is unavailable writing call {record.uniqueid}: {exc}"
+                               ) from exc
+
+
+async def released(client: RedisClient, prefix: str, ref: str) -> None:
+    """The caller hung up (or the AGI gave up) during authorization: the hold is back."""
+    try:
+        await client.register_script(_STATE_LUA)(
+            keys=[record_key(prefix, ref)], args=["released", str(EXPIRY_MARGIN)])
+    except REDIS_ERRORS as exc:
+        raise StoreUnavailable(f"Redis is unavailable updating call {ref}: {exc}") from exc
+
+
+async def answered(client: RedisClient, prefix: str, ref: str, *, answered_us: int,
+                   blocks_paid: int) -> None:
+    """The call was answered and its blocks up to ``blocks_paid`` are paid."""
+    await _call(client.hset(record_key(prefix, ref), mapping={
+        "state": "answered", "answered_at": f"{answered_us / 1_000_000:.6f}",
+        "blocks_paid": str(blocks_paid)}))
+
+
+async def note_cdr(client: RedisClient, prefix: str, ref: str, billsec: int) -> None:
+    """Asterisk's CDR said how long the call was billable (kept for a restarted listener)."""
+    await _call(client.hset(record_key(prefix, ref), "cdr_billsec", str(billsec)))
+
+
+async def finish(client: RedisClient, prefix: str, ref: str, settlement: str) -> str | None:
+    """Keep ``settlement`` (JSON) unless another finisher came first; return the kept one."""
+    stored = await _call(client.register_script(_FINISH_LUA)(
+        keys=[record_key(prefix, ref)], args=[f"{time.time():.3f}", settlement,
+                                              str(FINISHED_TTL)]))
+    return _text(stored) if isinstance(stored, (bytes, str)) else None
+
+
+async def ended(client: RedisClient, prefix: str, ref: str, now: str) -> None:
+    """The settlement is in the account's history (logged at ``now``)."""
+    await _call(client.register_script(_ENDED_LUA)(keys=[record_key(prefix, ref)],
+                                                   args=[now, str(ENDED_TTL)]))
+
+
+async def read(client: RedisClient, prefix: str, ref: str) -> CallRecord | None:
+    try:
+        raw = await client.hgetall(record_key(prefix, ref))
+    except REDIS_ERRORS as exc:
+        raise StoreUnavailable(f"Redis is unavailable reading call {ref}: {exc}") from exc
+    if not raw:
+        return None
+    return CallRecord.from_hash({_text(k): _text(v) for k, v in raw.items()})
+
+
+async def _call(pending: Any) -> Any:
+    try:
+        return await pending
+    except REDIS_ERRORS as exc:
+        raise StoreUnavailable(f"Redis is unavailable: {exc}") from exc
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
