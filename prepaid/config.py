@@ -98,7 +98,7 @@ class AgiSettings:
     max_connections: int = 1000
     # While an authorization in progress has taken longer than this, new calls are refused
     # at once (ERROR, BUSY) instead of waiting out `timeout` on an overloaded server.
-    busy_seconds: float = 1.0
+    busy_seconds: float = 2.0
     # Refuse new calls (ERROR, NO_METERING) once this server's metering has been away, or
     # behind, for longer than this; allow_unmetered = true lets them through unbilled.
     metering_stale_seconds: float = 5.0
