@@ -10,9 +10,9 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from agi.callrecord import record_key
 from agi.server import AgiServer
 from prepaid import config
+from prepaid.callrecord import record_key
 from prepaid.config import Settings
 from prepaid.ratedeck import parse_csv
 from prepaid.store import Store, open_store
