@@ -47,6 +47,9 @@ def policy_of(settings: Settings) -> Policy:
                   ring_seconds=settings.agi.ring_seconds)
 
 
+LOOP_LATE_SECONDS = 0.2  # an event loop this late is short of CPU
+
+
 def new_outage_log() -> OutageLog:
     return OutageLog(log, "Redis / rate deck")
 
@@ -60,6 +63,11 @@ class RouteContext:
     # When each authorization in progress began (monotonic), oldest first.
     authorizing: dict[int, float] = dataclasses.field(default_factory=dict)
     refused_busy: int = 0  # calls refused BUSY in this spell (logged once, at its start)
+    # How late this server's event loop has been running lately (s; the FastAGI server
+    # measures it): a time-out then is this server short of CPU, not Redis.
+    loop_late: float = 0.0
+    overload: OutageLog = dataclasses.field(
+        default_factory=lambda: OutageLog(log, "authorization capacity (this server's CPU)"))
 
     def oldest(self, now: float) -> float:
         """How long the oldest authorization in progress has been going on (s)."""
@@ -257,17 +265,25 @@ async def _authorize(session: AgiSession, store: Store, ctx: RouteContext) -> De
                         channel=session.env.get("agi_channel", ""))
                     await callrecord.write(store.redis, settings.redis.key_prefix, record)
             outage.success()
+            ctx.overload.success()
         except AgiError as exc:  # the channel went away or broke protocol mid-way
             if progress.reserving or progress.reserved:
                 await _release(store, progress, ref, f"authorization ended: {exc}")
             raise
         except (StoreUnavailable, RateError, TimeoutError) as exc:
-            if isinstance(exc, TimeoutError):
-                exc = TimeoutError(f"no answer within {settings.agi.timeout:g} s")
-            outage.failure(exc)
+            overloaded = isinstance(exc, TimeoutError) and ctx.loop_late > LOOP_LATE_SECONDS
+            if overloaded:
+                ctx.overload.failure(
+                    f"no answer within {settings.agi.timeout:g} s while this server's event "
+                    f"loop ran {ctx.loop_late:.1f} s late (short of CPU; Redis is not to "
+                    "blame); new calls are refused (ERROR BUSY) meanwhile")
+            else:
+                if isinstance(exc, TimeoutError):
+                    exc = TimeoutError(f"no answer within {settings.agi.timeout:g} s")
+                outage.failure(exc)
             if progress.reserving or progress.reserved:
                 await _release(store, progress, ref, "authorization failed")
-            decision = on_failure(policy)
+            decision = deny(Reason.BUSY, policy) if overloaded else on_failure(policy)
     elapsed = time.monotonic() - started
     metrics.AUTHORIZATIONS.labels(decision.status.value, decision.reason.value).inc()
     metrics.AUTHORIZATION_SECONDS.observe(elapsed)

@@ -98,6 +98,7 @@ class AgiServer:
         self.socks = list(socks)
         self._servers: list[asyncio.Server] = []
         self._tasks: set[asyncio.Task[None]] = set()
+        self._watch: asyncio.Task[None] | None = None
         self.served = 0
         self.rejected = 0
 
@@ -124,7 +125,19 @@ class AgiServer:
                 raise ServeError(f"cannot listen for FastAGI on {self.host}:"
                                  f"{self.requested_port}: {(exc.strerror or str(exc)).lower()}"
                                  ) from None
+        self._watch = asyncio.get_running_loop().create_task(self._watch_loop(),
+                                                             name="agi-loop-watch")
         log.info("FastAGI listening on %s:%s", self.host, self.port)
+
+    async def _watch_loop(self, every: float = 0.1) -> None:
+        """How late this loop runs, decaying over about a second: the routes tell a server
+        short of CPU from a Redis that does not answer."""
+        ctx = self.context
+        while True:
+            began = time.monotonic()
+            await asyncio.sleep(every)
+            late = time.monotonic() - began - every
+            ctx.loop_late = max(late, ctx.loop_late * 0.8)
 
     def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.get_running_loop().create_task(self._connection(reader, writer))
@@ -182,6 +195,10 @@ class AgiServer:
         """Stop listening, let open sessions finish for ``grace`` s, cancel the rest."""
         for server in self._servers:
             server.close()
+        if self._watch is not None:
+            self._watch.cancel()
+            await asyncio.gather(self._watch, return_exceptions=True)
+            self._watch = None
         tasks = list(self._tasks)
         if tasks:
             await asyncio.wait(tasks, timeout=grace)

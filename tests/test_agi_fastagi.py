@@ -412,3 +412,41 @@ async def test_while_an_authorization_is_slow_new_calls_are_refused_at_once(
     assert [m.split(" s (")[1] if " s (" in m else m for m in said] == [
         "[agi] busy_seconds 0.2), 1 in progress: new calls are refused (ERROR BUSY) until "
         "they are quicker", "authorizing again: 1 call(s) were refused BUSY"]
+
+
+async def test_a_server_short_of_cpu_refuses_busy_and_does_not_blame_redis(
+        redis_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="agi")
+    store, server = await start(make_settings(redis_url, timeout=1.0))
+    await store.rates.replace(parse_csv(DECK))
+    await account(store, "1001", EUR)
+
+    async def hog() -> None:  # a neighbour that takes the CPU: 0.3 s in every loop turn
+        while True:
+            time.sleep(0.3)  # noqa: ASYNC251 - blocking the loop is the fault under test
+            await asyncio.sleep(0)
+
+    hogging = asyncio.create_task(hog())
+    try:
+        peer = AgiPeer(agi_env("starved", "00491701234567"))
+        commands = await peer.call(server.port, within=30)
+    finally:
+        hogging.cancel()
+        await asyncio.gather(hogging, return_exceptions=True)
+    try:
+        # Refused, without a prompt from the AGI (the dialplan plays it), nothing held.
+        assert commands == [GET_CALLER, *variable_commands("ERROR", "BUSY", "1001", "starved",
+                                                           "0", "")]
+        account_now = await store.ledger.get("1001")
+        assert (account_now.balance, account_now.held) == (EUR, 0)
+        errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+        assert len(errors) == 1 and "event loop ran" in errors[0], errors
+        assert "Redis is not to blame" in errors[0]
+        # The CPU is back: the next call is allowed, and the recovery is said once.
+        peer = AgiPeer(agi_env("fed", "00491701234567"))
+        await peer.call(server.port)
+        assert peer.set_vars["PREPAID_STATUS"] == "ALLOWED"
+        assert [r for r in caplog.records if "recovered" in r.getMessage()]
+    finally:
+        await server.close()
+        await store.close()
