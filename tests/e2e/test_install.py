@@ -3,14 +3,17 @@
 installed copy: `prepaid serve` from /opt/asterisk-prepaid as the service user, with the
 config and the prompts where the script put them.
 
-Nothing is downloaded inside the root: the wheel and its dependencies (for the root's Python)
-are downloaded on the host into a wheelhouse that the script installs from (--wheelhouse).
-The copy is deleted afterwards; the shared root is never written.
+Two ways in: offline, where nothing is downloaded inside the root (the wheel and its
+dependencies for the root's Python are downloaded on the host into a wheelhouse that the
+script installs from, --wheelhouse), and online, where the script gets python3-venv from the
+root's own apt sources and the dependencies from the package index. Each copy is deleted
+afterwards; the shared root is never written.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import re
@@ -55,9 +58,11 @@ class Host:
     wheel: str
     first_output: str
 
-    def run(self, *argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    def run(self, *argv: str, check: bool = True,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
         proc = subprocess.run(self.pbx.chroot_command(list(argv)), capture_output=True,
-                              text=True, timeout=300, env=self.pbx._env(), check=False)
+                              text=True, timeout=300, env={**self.pbx._env(), **(env or {})},
+                              check=False)
         if check:
             assert proc.returncode == 0, f"{argv}: exit {proc.returncode}\n{proc.stdout}\n" \
                                          f"{proc.stderr}"
@@ -82,8 +87,9 @@ def wheelhouse(wheel: Path, out: Path, python: str) -> None:
     assert proc.returncode == 0, proc.stderr
 
 
-@pytest.fixture(scope="module")
-def host(pbx_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Host]:
+@contextlib.contextmanager
+def copy_of(pbx_root: Path) -> Iterator[tuple[Path, Pbx]]:
+    """A throw-away copy of the test bed's root with the checkout in INNER, deleted after."""
     base = Path(tempfile.mkdtemp(prefix="prepaid-install-", dir="/var/tmp"))
     try:
         root = base / "root"
@@ -91,17 +97,26 @@ def host(pbx_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[H
                        timeout=600)
         # Other runs copied the checkout's prompts here; the call must use the installed ones.
         shutil.rmtree(root / "usr/share/asterisk/sounds/prepaid", ignore_errors=True)
-        pbx = Pbx(root, project_sounds=None)
-        inner = root / INNER.lstrip("/")
-        shutil.copytree(REPO, inner, ignore=BUILD_LEFTOVERS)  # the checkout, as on a host
-        wheel = build_wheel(REPO, tmp_path_factory.mktemp("install-dist"))
-        h = Host(root, pbx, f"{INNER}/wheelhouse/{wheel.name}", "")
-        version = "import sys; print('%d%d' % sys.version_info[:2])"
-        wheelhouse(wheel, inner / "wheelhouse", h.run("python3", "-c", version).stdout.strip())
-        h.first_output = h.install().stdout
-        yield h
+        shutil.copytree(REPO, root / INNER.lstrip("/"), ignore=BUILD_LEFTOVERS)
+        yield root, Pbx(root, project_sounds=None)
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def wheel_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_wheel(REPO, tmp_path_factory.mktemp("install-dist"))
+
+
+@pytest.fixture(scope="module")
+def host(pbx_root: Path, wheel_file: Path) -> Iterator[Host]:
+    with copy_of(pbx_root) as (root, pbx):
+        h = Host(root, pbx, f"{INNER}/wheelhouse/{wheel_file.name}", "")
+        version = "import sys; print('%d%d' % sys.version_info[:2])"
+        wheelhouse(wheel_file, root / INNER.lstrip("/") / "wheelhouse",
+                   h.run("python3", "-c", version).stdout.strip())
+        h.first_output = h.install().stdout
+        yield h
 
 
 def test_install_lays_out_the_runtime(host: Host) -> None:
@@ -150,6 +165,28 @@ def start_serve(pbx: Pbx, log: Path) -> subprocess.Popen[bytes]:
                                 f"PREPAID_CONFIG={CONFIG}", f"{VENV}/bin/prepaid", "serve"]),
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             env=pbx._env(), start_new_session=True)
+
+
+def test_install_with_apt_and_the_package_index(pbx_root: Path, wheel_file: Path) -> None:
+    """Without a wheelhouse: python3-venv (which the root lacks) from the root's own apt
+    sources, the dependencies from the default package index."""
+    with copy_of(pbx_root) as (root, pbx):
+        shutil.copy2(wheel_file, root / INNER.lstrip("/"))
+        h = Host(root, pbx, f"{INNER}/{wheel_file.name}", "")
+        assert h.run("python3", "-c", "import ensurepip", check=False).returncode != 0
+        if h.run("apt-get", "update", "-qq", check=False).returncode != 0:
+            pytest.skip("the root's apt sources cannot be reached from here")
+        # pip in the root trusts what pip on this host trusts (a site CA, if it has one).
+        env = {}
+        host_ca = os.environ.get("PIP_CERT") or "/etc/ssl/certs/ca-certificates.crt"
+        if Path(host_ca).is_file():
+            shutil.copy2(host_ca, root / INNER.lstrip("/") / "ca.pem")
+            env["PIP_CERT"] = f"{INNER}/ca.pem"
+        out = h.run("/bin/bash", f"{INNER}/scripts/install.sh", "--wheel", h.wheel,
+                    env=env).stdout
+        assert "installing python3-venv" in out and "prepaid, version 0.1.0" in out, out
+        h.run("python3", "-c", "import ensurepip")
+        assert "  sounds " in h.run(f"{VENV}/bin/prepaid", "--help").stdout
 
 
 @pytest.fixture
