@@ -84,10 +84,15 @@ if [ ! -x "$VENV/bin/python" ]; then
     python3 -m venv "$VENV"
   fi
 fi
-if [ ! -x "$VENV/bin/pip" ]; then
-  pip_wheel=$(find "$wheelhouse" -maxdepth 1 -name 'pip-*.whl' | sort -V | tail -n 1)
-  [ -n "$pip_wheel" ] || die "no ensurepip and no pip-*.whl in the wheelhouse $wheelhouse"
-  "$VENV/bin/python" "$pip_wheel/pip" install -q "${pip_source[@]}" pip
+if [ ! -x "$VENV/bin/pip" ]; then  # made without pip (now, or by an earlier run)
+  if [ -n "$wheelhouse" ]; then
+    pip_wheel=$(find "$wheelhouse" -maxdepth 1 -name 'pip-*.whl' | sort -V | tail -n 1)
+    [ -n "$pip_wheel" ] || die "no ensurepip and no pip-*.whl in the wheelhouse $wheelhouse"
+    "$VENV/bin/python" "$pip_wheel/pip" install -q "${pip_source[@]}" pip
+  else
+    "$VENV/bin/python" -m ensurepip >/dev/null ||
+      die "$VENV has no pip and ensurepip is missing: apt-get install python3-venv, or --wheelhouse"
+  fi
 fi
 pip=("$VENV/bin/pip" -q --disable-pip-version-check)
 
