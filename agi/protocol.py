@@ -177,8 +177,9 @@ class AgiSession:
                 raise AgiHangup(f"channel hung up during {line!r}")
             if text == "":
                 continue
-            if re.match(r"^\d{3}-", text):  # multi-line usage text (520-...), ends with "520 "
-                continue
+            if re.match(r"^\d{3}-", text):  # multi-line usage (520-...): read to "520 End..."
+                await self._skip_usage(line, text[:3])
+                raise AgiError(f"AGI refused {line!r}: {text[:80]!r}")
             reply = parse_reply(text)
             if reply.code == 511 or (reply.code == 200 and reply.result == -1):
                 self.hung_up = True
@@ -186,6 +187,21 @@ class AgiSession:
             if reply.code != 200:
                 raise AgiError(f"AGI refused {line!r}: {text[:80]!r}")
             return reply
+
+    async def _skip_usage(self, line: str, code: str) -> None:
+        """The rest of a multi-line reply, up to its last line (``<code> ...``), so the next
+        command reads its own reply; bounded like every read."""
+        for _ in range(MAX_HEADER_LINES):
+            try:
+                raw = await _readline(self.reader, self.command_timeout)
+            except (TimeoutError, AgiHeaderError, ConnectionError, OSError) as exc:
+                raise AgiError(f"bad multi-line reply to {line!r}: {exc}") from None
+            if not raw:
+                self.hung_up = True
+                raise AgiHangup(f"AGI connection closed in the reply to {line!r}")
+            if raw.decode("utf-8", "replace").startswith(code + " "):
+                return
+        raise AgiError(f"multi-line reply to {line!r} longer than {MAX_HEADER_LINES} lines")
 
     # -- the commands the routes use ----------------------------------------------
     async def set_variable(self, name: str, value: str) -> None:

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from agi.protocol import AgiError, AgiSession
 from agi.server import AgiServer
 from prepaid.ratedeck import parse_csv
 from prepaid.store import Store, open_store
@@ -135,3 +136,29 @@ async def test_server_stops_cleanly_with_a_session_open(redis_url: str) -> None:
         assert await reader.read() == b""
     writer.close()
     await store.close()
+
+
+class _Sink:
+    def __init__(self) -> None:
+        self.sent = b""
+
+    def write(self, data: bytes) -> None:
+        self.sent += data
+
+    async def drain(self) -> None:
+        pass
+
+
+async def test_a_multi_line_520_reply_is_read_whole_and_the_next_reply_is_its_own() -> None:
+    # As Asterisk 22's res_agi answers a command with bad syntax (ast_agi_send of the usage).
+    reader = asyncio.StreamReader()
+    reader.feed_data(b"520-Invalid command syntax.  Proper usage follows:\n"
+                     b"Usage: GET FULL VARIABLE <variablename> [<channel name>]\n"
+                     b"        Returns 0 if <variablename> is not set or channel does not exist.\n"
+                     b"520 End of proper usage.\n"
+                     b"200 result=0\n")
+    session = AgiSession({}, reader, _Sink())
+    with pytest.raises(AgiError, match="520-Invalid command syntax"):
+        await session.command("GET FULL VARIABLE")
+    reply = await session.command("ANSWER")
+    assert (reply.code, reply.result) == (200, 0)
