@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup test test-fast lint bench sounds lock demo clean
+.PHONY: setup test lint bench sounds lock demo clean
 
 setup:
 	bash scripts/setup.sh
@@ -11,7 +11,7 @@ test: setup
 	bash scripts/test.sh
 
 lint: setup
-	$(VENV)/bin/ruff check prepaid agi ami_listener policy tests bench
+	$(VENV)/bin/ruff check prepaid agi ami_listener policy tests bench testbed
 	$(VENV)/bin/mypy prepaid agi ami_listener policy
 
 bench: setup
@@ -24,7 +24,7 @@ lock:
 	bash scripts/lock.sh
 
 demo: setup
-	$(PY) -m tests.demo
+	$(PY) -m testbed.demo
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

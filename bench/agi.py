@@ -22,8 +22,8 @@ from prepaid import config
 from prepaid.health import Heartbeat
 from prepaid.ratedeck import parse_csv
 from prepaid.store import Store, open_store
-from tests.agi_peer import AgiPeer, agi_env
-from tests.servers import RedisServer
+from testbed.agi_peer import AgiPeer, agi_env
+from testbed.servers import RedisServer
 
 DECK = "prefix,name,price_per_minute,connect_fee,initial_increment,increment\n" \
        "49,Germany,0.06,0.10,60,60\n"

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from pathlib import Path
 from typing import Any
 
 from ami_listener.meter import Meter
@@ -19,10 +18,10 @@ from ami_listener.protocol import split
 from ami_listener.runners import replay
 from prepaid.ledger import Ledger, connect
 from prepaid.rating import Rate
-from tests.ami_peer import authorize, load, open_account
-from tests.servers import RedisServer
+from testbed.ami_peer import FIXTURES, authorize, load, open_account
+from testbed.servers import RedisServer
 
-FIXTURES = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "ami" / "shared"
+SHARED = FIXTURES / "shared"
 RATE = Rate("39", "per second", per_minute=600_000, connect_fee=50_000, initial=1, increment=1)
 ROUNDS = 200
 
@@ -45,7 +44,7 @@ async def _bench(rounds: int) -> dict[str, Any]:
         ledger = Ledger(client)
         await open_account(ledger, 10**12)
         recordings = []
-        for path in sorted(FIXTURES.glob("*.ami")):
+        for path in sorted(SHARED.glob("*.ami")):
             rec = load(path)
             uids = sorted({m["Uniqueid"] for m in rec.messages if m.get("Uniqueid")},
                           key=len, reverse=True)

@@ -1,7 +1,7 @@
 """AMI parse throughput on a loopback socket: the adapter against the old ``readline`` path.
 
 A server thread (blocking sockets, so it costs the event loop nothing) sends the banner,
-answers the Login, then streams every recording of tests/fixtures/ami (events only, again
+answers the Login, then streams every recording of testbed/recordings/ (events only, again
 and again) and closes.  Each reader counts events from the Login's answer to the close:
 
 - ``readline``: the client this project had before panoramisk (``StreamReader.readline``
@@ -22,13 +22,12 @@ import statistics
 import threading
 import time
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 from ami_listener.client import AmiClient, AmiError
 from ami_listener.protocol import MAX_LINE, Message, MessageSplitter, action, split
+from testbed.ami_peer import FIXTURES
 
-FIXTURES = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "ami"
 BANNER = b"Asterisk Call Manager/9.0.0\r\n"
 EVENTS = 50_000  # per round
 ROUNDS = 3  # per reader

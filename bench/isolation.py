@@ -29,11 +29,11 @@ from prepaid.health import beat
 from prepaid.ledger import Ledger, connect
 from prepaid.ratedeck import parse_csv
 from prepaid.ratestore import RateStore
-from tests.agi_peer import AgiPeer, agi_env
-from tests.ami_peer import AmiPeer
-from tests.servers import RedisServer, free_port
+from testbed.agi_peer import AgiPeer, agi_env
+from testbed.ami_peer import FIXTURES, AmiPeer
+from testbed.servers import RedisServer, free_port
 
-FIXTURES = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "ami" / "shared"
+SHARED = FIXTURES / "shared"
 DECK = "prefix,name,price_per_minute,connect_fee,initial_increment,increment\n49,DE,0.06,0,1,1\n"
 RATE = 40  # authorizations offered per second
 FLOOD = float(os.environ.get("FLOOD_ROUNDS", "30"))  # rounds of the recordings a second
@@ -56,7 +56,7 @@ _STAMP = re.compile(rb"^Timestamp: (\d+)\.", re.M)
 
 def _recordings() -> list[tuple[bytes, list[bytes]]]:
     out = []
-    for path in sorted(FIXTURES.glob("*.ami")):
+    for path in sorted(SHARED.glob("*.ami")):
         raw = path.read_bytes()
         uids = sorted(set(re.findall(rb"^Uniqueid: (\S+)\r$", raw, re.M)), key=len,
                       reverse=True)

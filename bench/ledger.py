@@ -12,7 +12,7 @@ import time
 from typing import Any
 
 from prepaid.ledger import Ledger, connect
-from tests.servers import RedisServer
+from testbed.servers import RedisServer
 
 OPS = 20_000
 CONCURRENCY = 50

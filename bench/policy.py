@@ -23,7 +23,7 @@ from policy.mailer import MailWorker
 from policy.worker import PolicyWorker
 from prepaid.config import parse
 from prepaid.store import Store, open_store
-from tests.servers import Mailbox, RedisServer, free_port
+from testbed.servers import Mailbox, RedisServer, free_port
 
 EUR = 1_000_000
 

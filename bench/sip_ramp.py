@@ -51,9 +51,9 @@ from prepaid.config import Settings, parse
 from prepaid.ratedeck import parse_csv
 from prepaid.rating import cost
 from prepaid.store import Store, open_store
-from tests.pbx import PROJECT_CONF, Cdr, Pbx, free_port, pbx_unavailable_reason, project_ami_user
-from tests.servers import RedisServer, toml_text
-from tests.sipload import CallSpec, FarEnd, LoadResult, agi_latencies, channels_up, start_calls
+from testbed.pbx import PROJECT_CONF, Cdr, Pbx, free_port, pbx_unavailable_reason, project_ami_user
+from testbed.servers import RedisServer, toml_text
+from testbed.sipload import CallSpec, FarEnd, LoadResult, agi_latencies, channels_up, start_calls
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
-"$VENV/bin/ruff" check prepaid agi ami_listener policy tests bench || exit 1
+"$VENV/bin/ruff" check prepaid agi ami_listener policy tests bench testbed || exit 1
 "$VENV/bin/mypy" prepaid agi ami_listener policy || exit 1
 "$VENV/bin/python" -m pytest "$@"
 rc=$?

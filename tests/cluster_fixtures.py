@@ -19,7 +19,7 @@ import pytest
 from prepaid import config
 from prepaid.ledger import Ledger, connect
 from prepaid.store import Store, open_store
-from tests.cluster import Cluster, ClusterUnsupported
+from testbed.cluster import Cluster, ClusterUnsupported
 
 _shared: Cluster | None = None
 

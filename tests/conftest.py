@@ -5,7 +5,7 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 
 from prepaid.ledger import Ledger, connect
-from tests.servers import RedisServer
+from testbed.servers import RedisServer
 
 
 @pytest.fixture(scope="session")

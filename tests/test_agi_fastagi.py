@@ -16,7 +16,7 @@ from prepaid.callrecord import record_key
 from prepaid.config import Settings
 from prepaid.ratedeck import parse_csv
 from prepaid.store import Store, open_store
-from tests.agi_peer import (
+from testbed.agi_peer import (
     DENY_TAIL,
     GET_CALLER,
     NO_CREDIT_TAIL,
@@ -24,7 +24,7 @@ from tests.agi_peer import (
     agi_env,
     variable_commands,
 )
-from tests.servers import RedisServer
+from testbed.servers import RedisServer
 
 EUR = 1_000_000
 DECK = """prefix,name,price_per_minute,connect_fee,initial_increment,increment

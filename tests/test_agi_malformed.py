@@ -11,7 +11,7 @@ from agi.protocol import AgiError, AgiSession
 from agi.server import AgiServer
 from prepaid.ratedeck import parse_csv
 from prepaid.store import Store, open_store
-from tests.agi_peer import GET_CALLER, AgiPeer, agi_env
+from testbed.agi_peer import GET_CALLER, AgiPeer, agi_env
 from tests.test_agi_fastagi import DECK, make_settings
 
 

@@ -21,7 +21,7 @@ from prepaid.health import MeterBeat, MeteringGate, beat, judge, meter_key, read
 from prepaid.ledger import RedisClient, connect
 from prepaid.ratedeck import parse_csv
 from prepaid.store import Store
-from tests.agi_peer import DENY_TAIL, GET_CALLER, AgiPeer, agi_env, variable_commands
+from testbed.agi_peer import DENY_TAIL, GET_CALLER, AgiPeer, agi_env, variable_commands
 from tests.test_agi_fastagi import DECK, EUR, account, make_settings, start
 
 NUMBER = "00491701234567"

@@ -11,7 +11,7 @@ import pytest
 from agi.server import AgiServer
 from prepaid.ratedeck import parse_csv
 from prepaid.store import Store, open_store
-from tests.pbx import Pbx, pbx_unavailable_reason, start_pbx
+from testbed.pbx import Pbx, pbx_unavailable_reason, start_pbx
 from tests.test_agi_fastagi import DECK, make_settings
 
 pytestmark = pytest.mark.pbx

@@ -14,7 +14,7 @@ from prepaid.health import beat
 from prepaid.ledger import Ledger
 from prepaid.ratedeck import parse_csv
 from prepaid.ratestore import RateStore
-from tests.agi_peer import (
+from testbed.agi_peer import (
     DENY_TAIL,
     GET_CALLER,
     NO_CREDIT_TAIL,

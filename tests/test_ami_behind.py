@@ -18,7 +18,7 @@ from ami_listener.runners import LiveRunner
 from prepaid.config import AmiSettings
 from prepaid.health import read_beat
 from prepaid.ledger import Ledger
-from tests.ami_peer import AmiPeer, wait_until
+from testbed.ami_peer import AmiPeer, wait_until
 
 
 @pytest.fixture

@@ -30,10 +30,10 @@ from ami_listener.protocol import (
     encode,
     split,
 )
+from testbed.ami_peer import FIXTURES
 
 BANNER = b"Asterisk Call Manager/9.0.0\r\n"
 SECRET = "s3cret-Xy7"
-FIXTURES = Path(__file__).parent / "fixtures" / "ami"
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "ami-recordings"
 RECORDINGS = sorted(FIXTURES.rglob("*.ami")) + sorted(SHARED.glob("*.ami"))
 PEER_TASKS = {"BaseSelectorEventLoop._accept_connection2", "Peer._serve"}

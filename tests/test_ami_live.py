@@ -17,7 +17,7 @@ from prepaid.callrecord import record_key
 from prepaid.config import AmiSettings, RedisSettings, Settings
 from prepaid.ledger import Ledger
 from prepaid.rating import block_cost, cost
-from tests.ami_peer import (
+from testbed.ami_peer import (
     FIXTURES,
     PER_SECOND,
     RECORDINGS,
@@ -29,7 +29,7 @@ from tests.ami_peer import (
     open_account,
     wait_until,
 )
-from tests.servers import RedisServer
+from testbed.servers import RedisServer
 
 START = 10_000_000
 SHARED = FIXTURES / "shared"

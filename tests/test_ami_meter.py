@@ -10,7 +10,7 @@ from ami_listener.tracker import US
 from prepaid.callrecord import record_key
 from prepaid.ledger import Ledger
 from prepaid.rating import Rate, block_cost, cost
-from tests.ami_peer import FIXTURES, PER_SECOND, RECORDINGS, Sent, authorize, load, open_account
+from testbed.ami_peer import FIXTURES, PER_SECOND, RECORDINGS, Sent, authorize, load, open_account
 
 SHARED = FIXTURES / "shared"
 

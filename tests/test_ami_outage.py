@@ -12,8 +12,8 @@ from ami_listener.meter import Meter
 from ami_listener.runners import replay
 from prepaid.ledger import Ledger, connect
 from prepaid.rating import cost
-from tests.ami_peer import FIXTURES, PER_SECOND, authorize, load, open_account
-from tests.servers import RedisServer, free_port
+from testbed.ami_peer import FIXTURES, PER_SECOND, authorize, load, open_account
+from testbed.servers import RedisServer, free_port
 
 
 class Proxy:

@@ -18,7 +18,7 @@ from ami_listener.meter import Meter
 from ami_listener.tracker import US
 from prepaid.ledger import Ledger, connect
 from prepaid.rating import Rate, block_cost, cost
-from tests.ami_peer import authorize, open_account
+from testbed.ami_peer import authorize, open_account
 
 T0 = 1_800_000_000 * US
 GRACE = 30  # [ami] grace_seconds, the Meter's default

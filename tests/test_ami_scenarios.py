@@ -1,5 +1,5 @@
 """The project's own scenarios, recorded through ``[prepaid-outbound]`` with the services running
-(tests/fixtures/ami/project, made by tests/record_scenarios.py), replayed through the
+(testbed/recordings/project, made by testbed/record_scenarios.py), replayed through the
 listener's handler against the real Redis: by the file runner (``replay(Meter(ledger), ...)``)
 and over TCP (``AmiPeer`` + ``LiveRunner``), whole, split by a restart, and from every
 starting point. Each recording's ``.json`` gives the accounts, opening balances, rate rows and
@@ -23,7 +23,7 @@ from ami_listener.tracker import US
 from prepaid.callrecord import record_key
 from prepaid.ledger import Entry, Ledger
 from prepaid.rating import Rate, block_cost, cost
-from tests.ami_peer import (
+from testbed.ami_peer import (
     PROJECT,
     PROJECT_RECORDINGS,
     AmiPeer,
@@ -35,8 +35,8 @@ from tests.ami_peer import (
     open_account,
     wait_until,
 )
+from testbed.servers import RedisServer
 from tests.faults.test_ami_duplicates import variants
-from tests.servers import RedisServer
 
 NAMES = [p.stem for p in PROJECT_RECORDINGS]
 EXPECTED = {"answered-caller-hangs-up", "answered-callee-hangs-up", "ringing-caller-abandons",

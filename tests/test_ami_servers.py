@@ -6,7 +6,7 @@ from ami_listener.meter import Meter, on_server
 from ami_listener.tracker import US
 from prepaid.ledger import Ledger
 from prepaid.rating import block_cost
-from tests.ami_peer import PER_SECOND, authorize, open_account
+from testbed.ami_peer import PER_SECOND, authorize, open_account
 
 
 def test_a_call_belongs_to_the_server_named_in_its_uniqueid() -> None:

@@ -22,7 +22,7 @@ from ami_listener.tracker import (
 )
 from prepaid.errors import InputError
 from prepaid.rating import block_cost
-from tests.ami_peer import FIXTURES, PER_SECOND, RECORDINGS, load
+from testbed.ami_peer import FIXTURES, PER_SECOND, RECORDINGS, load
 
 SHARED = FIXTURES / "shared"
 

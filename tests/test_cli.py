@@ -13,7 +13,7 @@ from click.testing import CliRunner, Result
 from prepaid.health import beat
 from prepaid.ledger import connect
 from shell.cli import main
-from tests.servers import free_port
+from testbed.servers import free_port
 
 Run = Callable[..., Result]
 

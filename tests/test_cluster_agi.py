@@ -9,9 +9,9 @@ from redis.asyncio.cluster import RedisCluster
 from agi.server import AgiServer
 from prepaid.health import beat, meter_key, read_all
 from prepaid.store import Store
+from testbed.agi_peer import GET_CALLER, AgiPeer, agi_env, variable_commands
+from testbed.cluster import Cluster
 from tests import test_agi_fastagi as single_redis
-from tests.agi_peer import GET_CALLER, AgiPeer, agi_env, variable_commands
-from tests.cluster import Cluster
 from tests.cluster_fixtures import cluster, cluster_url, redis_url, reused_tests  # noqa: F401
 from tests.test_agi_fastagi import EUR, account, agi  # noqa: F401
 

@@ -19,8 +19,8 @@ from prepaid import callrecord
 from prepaid.callrecord import record_key
 from prepaid.ledger import Ledger
 from prepaid.rating import cost
+from testbed.ami_peer import PER_SECOND, authorize, load, open_account
 from tests import test_ami_meter as single_redis
-from tests.ami_peer import PER_SECOND, authorize, load, open_account
 from tests.cluster_fixtures import cluster, cluster_url, redis_url, reused_tests  # noqa: F401
 from tests.test_ami_meter import SHARED, START
 

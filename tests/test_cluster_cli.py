@@ -11,8 +11,8 @@ from ami_listener.meter import Meter
 from ami_listener.runners import replay
 from prepaid.ledger import Ledger, connect
 from prepaid.rating import cost
+from testbed.ami_peer import PER_SECOND, authorize, load, open_account
 from tests import test_cli as single_redis
-from tests.ami_peer import PER_SECOND, authorize, load, open_account
 from tests.cluster_fixtures import cluster, cluster_url, redis_url, reused_tests  # noqa: F401
 from tests.test_ami_meter import SHARED, START
 from tests.test_cli import Run, run  # noqa: F401

@@ -16,7 +16,7 @@ import pytest
 
 from prepaid.errors import StoreUnavailable
 from prepaid.ledger import Ledger, connect
-from tests.cluster import Cluster, ClusterUnsupported
+from testbed.cluster import Cluster, ClusterUnsupported
 
 DEBITS = 300
 KILL_AT = 60

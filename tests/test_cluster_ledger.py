@@ -18,8 +18,8 @@ from prepaid.errors import InputError, StoreUnavailable
 from prepaid.ledger import Ledger, connect
 from prepaid.ratedeck import parse_csv
 from prepaid.ratestore import RateStore
+from testbed.cluster import Cluster
 from tests import test_ledger as single_redis
-from tests.cluster import Cluster
 from tests.cluster_fixtures import (  # noqa: F401
     cluster,
     cluster_ledger,
@@ -141,7 +141,7 @@ async def test_a_cluster_url_must_name_nodes() -> None:
 
 
 async def test_a_dead_cluster_is_a_store_outage() -> None:
-    from tests.servers import free_port
+    from testbed.servers import free_port
 
     client = connect(f"redis+cluster://127.0.0.1:{free_port()}", timeout=0.3)
     with pytest.raises(StoreUnavailable, match="unavailable"):

@@ -8,8 +8,8 @@ import urllib.request
 from agi.server import AgiServer
 from prepaid.metrics import serve_metrics
 from prepaid.store import Store
-from tests.agi_peer import AgiPeer, agi_env
-from tests.servers import free_port
+from testbed.agi_peer import AgiPeer, agi_env
+from testbed.servers import free_port
 from tests.test_agi_fastagi import account, agi  # noqa: F401  (fixture)
 
 

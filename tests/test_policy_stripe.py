@@ -18,7 +18,7 @@ from policy.payments import make_gateway
 from policy.stripe_gateway import StripeGateway, minor_units, split_token
 from prepaid.config import parse
 from prepaid.errors import ConfigError, InputError
-from tests.servers import free_port
+from testbed.servers import free_port
 
 
 @dataclass

@@ -15,7 +15,7 @@ import redis
 
 from prepaid.errors import StoreUnavailable
 from prepaid.ledger import Ledger, connect
-from tests.servers import RedisServer, free_port
+from testbed.servers import RedisServer, free_port
 
 
 def _wait(check: object, what: str, timeout: float = 15.0) -> None:

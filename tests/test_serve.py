@@ -32,8 +32,8 @@ from prepaid.ratedeck import parse_csv
 from prepaid.ratestore import RateStore
 from prepaid.store import Store
 from shell import serve
-from tests.agi_peer import AgiPeer, agi_env
-from tests.servers import free_port
+from testbed.agi_peer import AgiPeer, agi_env
+from testbed.servers import free_port
 from tests.test_agi_fastagi import DECK
 
 T = TypeVar("T")

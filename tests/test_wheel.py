@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.servers import RedisServer, toml_text
+from testbed.servers import RedisServer, toml_text
 
 REPO = Path(__file__).resolve().parent.parent
 BUILD_TIMEOUT = 300

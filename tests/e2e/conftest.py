@@ -1,4 +1,4 @@
-"""Fixtures for the end-to-end tier against a real Asterisk 22 (see tests/pbx.py).
+"""Fixtures for the end-to-end tier against a real Asterisk 22 (see testbed/pbx.py).
 
 Without root (or without a way to build the root folder) these tests skip, unless
 PREPAID_REQUIRE_PBX=1, where they fail instead.
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.pbx import Pbx, free_port, pbx_unavailable_reason, root_path
+from testbed.pbx import Pbx, free_port, pbx_unavailable_reason, root_path
 
 
 def _unavailable(reason: str) -> None:

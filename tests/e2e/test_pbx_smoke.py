@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.pbx import PROJECT_SOUNDS, Pbx
+from testbed.pbx import PROJECT_SOUNDS, Pbx
 
 pytestmark = pytest.mark.pbx
 
@@ -223,7 +223,7 @@ def test_sipp_call_enters_the_sip_context(make_pbx: Callable[..., Pbx]) -> None:
 
 
 def test_record_ami_saves_raw_stream(pbx: Pbx, tmp_path: Path) -> None:
-    from tests.record_ami import record
+    from testbed.record_ami import record
 
     out = tmp_path / "busy.ami"
     n = record(

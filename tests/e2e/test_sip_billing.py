@@ -3,7 +3,7 @@
 Asterisk 22 runs the shipped asterisk-conf/ files (only ports and secrets changed) with
 ``Pbx(trunk="sip")``: callers are PJSIP endpoints whose accountcode names the paying account,
 the shipped ``Dial(PJSIP/<number>@my-trunk)`` goes to a far-end SIPp that answers and echoes
-the RTP (tests/sipload.py). The real ``prepaid serve`` runs as its own process (its whole
+the RTP (testbed/sipload.py). The real ``prepaid serve`` runs as its own process (its whole
 process group is what a restart kills), with a config made from asterisk-conf/prepaid.toml.
 
 Every charge is checked against cdr_csv's Master.csv, Asterisk's record written apart from
@@ -42,9 +42,9 @@ from prepaid.ledger import Entry
 from prepaid.ratedeck import parse_csv
 from prepaid.rating import Rate, cost, cost_of_billed, covered_seconds
 from prepaid.store import Store, open_store
-from tests.pbx import PROJECT_CONF, Cdr, Pbx, free_port, project_ami_user
-from tests.servers import toml_text
-from tests.sipload import CallSpec, FarEnd, LoadResult, UacRun, agi_latencies, start_calls
+from testbed.pbx import PROJECT_CONF, Cdr, Pbx, free_port, project_ami_user
+from testbed.servers import toml_text
+from testbed.sipload import CallSpec, FarEnd, LoadResult, UacRun, agi_latencies, start_calls
 
 pytestmark = pytest.mark.pbx
 log = logging.getLogger(__name__)

@@ -38,21 +38,22 @@ from prepaid.ratedeck import Normalisation, parse_csv
 from prepaid.rating import Rate, cost
 from prepaid.store import Store, open_store
 from shell.serve import run_services
+from testbed.pbx import Pbx, free_port, project_ami_user
+from testbed.servers import toml_text
+from testbed.sipload import SCENARIOS
+from testbed.smtp_sink import SmtpSink, body_text
 from tests.e2e.test_pbx_smoke import Ami, Message, event
-from tests.pbx import Pbx, free_port, project_ami_user
-from tests.servers import toml_text
-from tests.smtp_sink import SmtpSink, body_text
 
 pytestmark = pytest.mark.pbx
 
 T = TypeVar("T")
 EUR = 1_000_000
 PREPAID = str(Path(sys.executable).parent / "prepaid")
-SIPP_SCENARIO = Path(__file__).resolve().parent.parent / "sipp" / "uac_account.xml"
+SIPP_SCENARIO = SCENARIOS / "uac_account.xml"
 
 # 60.00 a minute is 1.00 a second: easy to check by hand. Numbers are dialed as 00<digits>;
 # the test-bed trunk answers 0088NN... and hangs up after NN s, answers anything else and
-# stays up (see tests/pbx_conf/extensions.conf).
+# stays up (see testbed/pbx_conf/extensions.conf).
 RATES_CSV = """\
 prefix,name,price_per_minute,connect_fee,initial_increment,increment
 88,Hang-up trunk 1/1,60.00,0,1,1

@@ -31,6 +31,8 @@ from prepaid.callrecord import record_key
 from prepaid.ledger import Entry
 from prepaid.rating import block_cost, cost
 from prepaid.store import Store, open_store
+from testbed.pbx import Pbx, free_port, project_ami_user
+from testbed.servers import toml_text
 from tests.cluster_fixtures import cluster, cluster_settings, cluster_url  # noqa: F401
 from tests.e2e.test_pbx_smoke import Ami, Message, event
 from tests.e2e.test_system_e2e import (
@@ -42,8 +44,6 @@ from tests.e2e.test_system_e2e import (
     spent,
     until,
 )
-from tests.pbx import Pbx, free_port, project_ami_user
-from tests.servers import toml_text
 
 pytestmark = pytest.mark.pbx
 

@@ -16,8 +16,8 @@ from click.testing import CliRunner, Result
 from ami_listener.protocol import Message, timestamp_us
 from prepaid.config import Settings, parse
 from shell.cli import main
-from tests.ami_peer import AmiPeer, wire
-from tests.servers import free_port
+from testbed.ami_peer import AmiPeer, wire
+from testbed.servers import free_port
 
 US = 1_000_000
 EUR = 1_000_000

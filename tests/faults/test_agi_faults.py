@@ -13,8 +13,8 @@ from agi.server import AgiServer
 from prepaid.ratedeck import parse_csv
 from prepaid.rating import block_cost
 from prepaid.store import Store, open_store
-from tests.agi_peer import AgiPeer, agi_env
-from tests.ami_peer import wait_until
+from testbed.agi_peer import AgiPeer, agi_env
+from testbed.ami_peer import wait_until
 from tests.faults.conftest import cli_async, lines, settings
 
 DECK = """prefix,name,price_per_minute,connect_fee,initial_increment,increment

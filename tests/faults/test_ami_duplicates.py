@@ -13,9 +13,9 @@ from ami_listener.protocol import Message
 from ami_listener.runners import replay
 from prepaid.ledger import Ledger
 from prepaid.rating import cost
-from tests.ami_peer import PER_SECOND, RECORDINGS, authorize, load, open_account
+from testbed.ami_peer import PER_SECOND, RECORDINGS, authorize, load, open_account
+from testbed.servers import RedisServer
 from tests.faults.conftest import US, lines
-from tests.servers import RedisServer
 
 START = 10_000_000
 # The shared ringing recording stops while the call rings (no Hangup): not a whole call.

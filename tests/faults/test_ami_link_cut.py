@@ -17,7 +17,7 @@ from prepaid import callrecord
 from prepaid.config import AmiSettings
 from prepaid.ledger import Ledger
 from prepaid.rating import Rate, cost, covered_seconds
-from tests.ami_peer import FIXTURES, Recording, authorize, load, open_account, wait_until
+from testbed.ami_peer import FIXTURES, Recording, authorize, load, open_account, wait_until
 from tests.faults.conftest import US, AmiRelay, BacklogPeer, lines, retime, settings, with_billsec
 
 START = 10_000_000

@@ -16,8 +16,8 @@ from policy.decide import retry_delay
 from policy.gateway import ChargeResult, GatewayTimeout, SandboxGateway
 from policy.mailer import MailQueue
 from prepaid.store import Store, open_store
+from testbed.servers import Mailbox, RedisServer
 from tests.faults.conftest import cli_async, lines
-from tests.servers import Mailbox, RedisServer
 from tests.test_policy_support import (
     EUR,
     GatedGateway,

@@ -18,10 +18,10 @@ from prepaid.ratedeck import parse_csv
 from prepaid.ratestore import RateStore
 from prepaid.rating import cost
 from shell.serve import run_services
-from tests.agi_peer import AgiPeer, agi_env
-from tests.ami_peer import FIXTURES, PER_SECOND, AmiPeer, load, wait_until
+from testbed.agi_peer import AgiPeer, agi_env
+from testbed.ami_peer import FIXTURES, PER_SECOND, AmiPeer, load, wait_until
+from testbed.servers import RedisServer, free_port
 from tests.faults.conftest import EUR, cli_async, lines, settings
-from tests.servers import RedisServer, free_port
 from tests.test_policy_support import Smtp
 
 # The recorded call's number (Italy) at PER_SECOND's prices: 0.05 to connect, 0.01 a second.

@@ -154,8 +154,8 @@ class AmiPeer:
 
 # -- recordings and the authorization the AGI would have done ------------------------------
 
-FIXTURES = Path(__file__).parent / "fixtures" / "ami"
-# Recordings through the project's own dialplan (tests/record_scenarios.py), each with a
+FIXTURES = Path(__file__).resolve().parent / "recordings"
+# Recordings through the project's own dialplan (testbed/record_scenarios.py), each with a
 # <name>.json beside it saying what a replay needs and what the live run charged.
 PROJECT = FIXTURES / "project"
 PROJECT_RECORDINGS = sorted(p for p in PROJECT.glob("*.ami") if not p.name.endswith(".failed.ami"))

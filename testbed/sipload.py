@@ -1,9 +1,9 @@
 """Real SIP calls through the test bed's Asterisk (``Pbx(trunk="sip")``), placed by SIPp.
 
-- :class:`FarEnd`: a SIPp UAS on ``127.0.0.1:pbx.farend_port`` (tests/sipp/uas_farend.xml),
+- :class:`FarEnd`: a SIPp UAS on ``127.0.0.1:pbx.farend_port`` (testbed/sipp/uas_farend.xml),
   where the shipped ``Dial(PJSIP/<number>@my-trunk)`` lands. It answers with 200 + SDP,
   echoes the RTP it gets (``-rtp_echo``) and answers the BYE; it counts the INVITEs it saw.
-- :func:`start_calls` / :func:`run_calls`: a SIPp UAC (tests/sipp/uac_load.xml) placing one
+- :func:`start_calls` / :func:`run_calls`: a SIPp UAC (testbed/sipp/uac_load.xml) placing one
   call per :class:`CallSpec` at ``rate`` calls a second, each from its account's endpoint
   (From user = account) to a number, streaming RTP once answered; the caller hangs up
   after ``hold_ms`` or, with ``hold_ms = 0``, waits for Asterisk's BYE. The result has one
@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from tests.pbx import Pbx, PbxError, free_port
+from testbed.pbx import Pbx, PbxError, free_port
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ UAS_SCENARIO = SCENARIOS / "uas_farend.xml"
 UAC_SCENARIO = SCENARIOS / "uac_load.xml"
 VOICE_NAME = "prepaid-voice.ulaw"  # uac_load.xml streams this file (relative to SIPp's cwd)
 DEFAULT_WAIT_MS = 600_000  # uac_load.xml as committed: how long hold_ms = 0 calls wait
-# SIPp's own RTP ports, clear of Asterisk's (tests/pbx_conf/rtp.conf: 10000-20000) and of
+# SIPp's own RTP ports, clear of Asterisk's (testbed/pbx_conf/rtp.conf: 10000-20000) and of
 # Linux's ephemeral ports (32768-60999, where free_port() finds SIP and echo ports); each UAC
 # run takes the next block (2000 calls' RTP and RTCP), so runs side by side never compete.
 RTP_BASE = 20_400
@@ -402,7 +402,7 @@ def run_calls(pbx: Pbx, calls: Sequence[CallSpec], *, rate: float,
 
 
 def uac_scenario(holds: Iterable[int], wait_ms: int = DEFAULT_WAIT_MS) -> str:
-    """tests/sipp/uac_load.xml with one hold branch per distinct ``hold_ms`` (a receive's
+    """testbed/sipp/uac_load.xml with one hold branch per distinct ``hold_ms`` (a receive's
     time-out is fixed in the scenario file, so each duration needs its own receive)."""
     text = UAC_SCENARIO.read_text()
     branches, waits = [], []

@@ -5,7 +5,7 @@ written to a folder as ``<n>-<recipient>.eml``.
         ...
         mail = sink.wait_for(lambda m: m["To"] == "erin@example.org", timeout=10)
 
-Run alone: ``python -m tests.smtp_sink --dir /tmp/mail [--port 2525]`` (until Ctrl-C).
+Run alone: ``python -m testbed.smtp_sink --dir /tmp/mail [--port 2525]`` (until Ctrl-C).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import Any
 
 from aiosmtpd.controller import Controller
 
-from tests.servers import free_port
+from testbed.servers import free_port
 
 
 class _Handler:

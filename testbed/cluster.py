@@ -18,7 +18,7 @@ from pathlib import Path
 
 import redis
 
-from tests.servers import free_port
+from testbed.servers import free_port
 
 
 class ClusterUnsupported(RuntimeError):

@@ -1,6 +1,6 @@
 """Record a raw AMI event stream for test fixtures.
 
-    python -m tests.record_ami OUT.ami --host 127.0.0.1 --port 5038 --user U --secret S \\
+    python -m testbed.record_ami OUT.ami --host 127.0.0.1 --port 5038 --user U --secret S \\
         [--timeout 30] [--action "Action: Originate; ActionID: orig-1; Channel: ...; ..."]
 
 Logs in, then saves every message that follows the Login response exactly as received
@@ -116,7 +116,7 @@ def record(
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m tests.record_ami", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m testbed.record_ami", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out", type=Path)
     ap.add_argument("--host", default="127.0.0.1")

@@ -1,9 +1,9 @@
 """Record the project's call scenarios through its own dialplan, with its services running.
 
-    python -m tests.record_scenarios [--out tests/fixtures/ami/project] [--only NAME ...]
+    python -m testbed.record_scenarios [--out testbed/recordings/project] [--only NAME ...]
 
-Starts a private Redis (``tests.servers.RedisServer``), the Asterisk 22 test bed
-(``tests.pbx.Pbx`` with the project's ``asterisk-conf/``), an SMTP sink and the project's
+Starts a private Redis (``testbed.servers.RedisServer``), the Asterisk 22 test bed
+(``testbed.pbx.Pbx`` with the project's ``asterisk-conf/``), an SMTP sink and the project's
 services in-process (``shell.serve.run_services``: FastAGI authorization and the policy
 worker for the whole run; the AMI listener beside them, stopped and started again in the
 restart scenario). Each scenario's calls are placed by AMI ``Originate`` of
@@ -40,19 +40,19 @@ from prepaid.ratedeck import Normalisation, parse_csv
 from prepaid.rating import Rate, block_cost
 from prepaid.store import Store, open_store
 from shell.serve import run_services
-from tests.pbx import Pbx, free_port
-from tests.servers import RedisServer
-from tests.smtp_sink import SmtpSink
+from testbed.pbx import Pbx, free_port
+from testbed.servers import RedisServer
+from testbed.smtp_sink import SmtpSink
 
 log = logging.getLogger("record_scenarios")
 
-DEFAULT_OUT = Path(__file__).resolve().parent / "fixtures" / "ami" / "project"
+DEFAULT_OUT = Path(__file__).resolve().parent / "recordings" / "project"
 END = b"\r\n\r\n"
 EUR = 1_000_000
 
 # 60.00 a minute (1.00 a second), 0.05 to connect, billed per second (1/1): cut-offs come
 # within seconds and every second is one block. The test-bed trunk picks its behaviour by
-# the dialed number (tests/pbx_conf/extensions.conf).
+# the dialed number (testbed/pbx_conf/extensions.conf).
 RATES_CSV = """\
 prefix,name,price_per_minute,connect_fee,initial_increment,increment
 88,Hang-up trunk 1/1,60.00,0.05,1,1
@@ -96,7 +96,7 @@ class Recorder:
         writer.write(f"Action: Login\r\nActionID: record-login\r\nUsername: {user}\r\n"
                      f"Secret: {secret}\r\nEvents: on\r\n\r\n".encode())
         await writer.drain()
-        while True:  # the login's own answer is not recorded (as in tests/record_ami.py)
+        while True:  # the login's own answer is not recorded (as in testbed/record_ami.py)
             msg = await asyncio.wait_for(reader.readuntil(END), 5)
             if b"ActionID: record-login" in msg:
                 if b"Response: Success" not in msg:
@@ -534,7 +534,7 @@ async def main_async(out: Path, names: list[str]) -> None:
 
 
 def _project_secret() -> str:
-    from tests.pbx import project_ami_user
+    from testbed.pbx import project_ami_user
 
     user, secret = project_ami_user()
     assert user == "prepaid", user
@@ -542,7 +542,7 @@ def _project_secret() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m tests.record_scenarios", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m testbed.record_scenarios", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     ap.add_argument("--only", action="append", choices=sorted(SCENARIOS),

@@ -1,7 +1,7 @@
 """``make demo``: the whole system on a real Asterisk, live in the terminal (see docs/demo.md).
 
 Sets up a private Redis, an SMTP sink writing mails to ``<dir>/mail/``, the Asterisk 22 test
-bed (tests/pbx.py) running the project's dialplan, a config and rate deck, and a few accounts
+bed (testbed/pbx.py) running the project's dialplan, a config and rate deck, and a few accounts
 (made with the ``prepaid`` CLI); runs ``prepaid serve`` as a subprocess; places a script of
 calls through AMI Originate; shows calls, balances, prompts, e-mails and top-ups as they
 happen; prints a summary; and stops everything again, also on Ctrl-C.
@@ -38,15 +38,15 @@ from prepaid.ledger import Ledger, connect
 from prepaid.money import format_amount
 from prepaid.ratedeck import Normalisation, parse_csv
 from prepaid.rating import cost
-from tests.e2e.test_pbx_smoke import Ami, Message
-from tests.pbx import (
+from testbed.pbx import (
     Pbx,
     free_port,
     pbx_unavailable_reason,
     project_ami_user,
 )
-from tests.servers import RedisServer
-from tests.smtp_sink import SmtpSink
+from testbed.servers import RedisServer
+from testbed.smtp_sink import SmtpSink
+from tests.e2e.test_pbx_smoke import Ami, Message
 
 BASE = Path(os.environ.get("PREPAID_DEMO_DIR", "/tmp/asterisk-prepaid-demo"))
 VENV_BIN = Path(sys.executable).parent
@@ -177,7 +177,7 @@ class Demo:
         user, secret = project_ami_user()
         (BASE / "rates.csv").write_text(RATES)
         self.config.write_text(
-            "# Written by tests/demo.py\n"
+            "# Written by testbed/demo.py\n"
             f'[redis]\nurl = "{self.redis.url}"\n\n'
             '[billing]\ncurrency = "EUR"\nrates = "rates.csv"\nnational_prefix = ""\n'
             'max_call_seconds = 600\n\n'
