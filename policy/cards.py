@@ -11,12 +11,14 @@ from dataclasses import dataclass
 from datetime import date
 
 from prepaid.errors import InputError
+from prepaid.inputs import looks_like_card_number, luhn_ok
+
+__all__ = ["Card", "looks_like_card_number", "luhn_ok", "validate_card"]
 
 BRANDS = ("visa", "mastercard", "amex", "discover", "diners", "jcb", "unionpay", "maestro",
           "cartes_bancaires", "other")
-_TOKEN_RE = re.compile(r"^[A-Za-z0-9_./:-]{3,200}$")
-_EXP_RE = re.compile(r"^(0[1-9]|1[0-2])/([0-9]{2}|[0-9]{4})$")
-_DIGIT_RUN_RE = re.compile(r"[0-9][0-9 -]{11,}[0-9]")
+_TOKEN_RE = re.compile(r"[A-Za-z0-9_./:-]{3,200}")  # fullmatch: "$" allows a newline
+_EXP_RE = re.compile(r"(0[1-9]|1[0-2])/([0-9]{2}|[0-9]{4})")
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,27 +33,8 @@ class Card:
         return f"{self.brand} ending {self.last4}"
 
 
-def luhn_ok(digits: str) -> bool:
-    total = 0
-    for i, ch in enumerate(reversed(digits)):
-        d = int(ch)
-        if i % 2 == 1:
-            d = d * 2 - 9 if d > 4 else d * 2
-        total += d
-    return total % 10 == 0
-
-
-def looks_like_card_number(text: str) -> bool:
-    """True if ``text`` holds 13-19 digits (spaces/dashes ignored) that pass the Luhn check."""
-    for run in _DIGIT_RUN_RE.findall(text):
-        digits = re.sub(r"[ -]", "", run)
-        if 13 <= len(digits) <= 19 and luhn_ok(digits):
-            return True
-    return False
-
-
 def parse_expiry(exp: str, what: str = "card expiry") -> tuple[int, int]:
-    m = _EXP_RE.match(exp.strip())
+    m = _EXP_RE.fullmatch(exp.strip())
     if not m:
         raise InputError(f"{what} {exp!r} must be MM/YY like 12/29")
     month, year = int(m.group(1)), int(m.group(2))
@@ -70,7 +53,7 @@ def validate_card(token: str, brand: str, last4: str, exp: str, today: date) -> 
             raise InputError(f"card {name} looks like a full card number; store only the "
                              "payment provider's token, the brand and the last four digits")
     token = token.strip()
-    if not _TOKEN_RE.match(token):
+    if not _TOKEN_RE.fullmatch(token):
         raise InputError(f"card token {token!r} must be 3-200 letters, digits or _./:- "
                          "(a payment provider token such as cus_123/pm_456)")
     brand = brand.strip().lower()

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
+import logging
 from collections.abc import Awaitable, Callable
 from datetime import date
 from typing import Any, TypeVar
@@ -21,12 +21,13 @@ from policy.worker import mail_context
 from prepaid import config as config_mod
 from prepaid.config import ACTIONS, Settings
 from prepaid.errors import InputError, PrepaidError
+from prepaid.inputs import check_email, check_reference
 from prepaid.ledger import Account, Change, account_json, check_account_id
 from prepaid.money import currency_decimals, format_amount, parse_amount
 from prepaid.store import Store, open_store
 
 T = TypeVar("T")
-_EMAIL_RE = re.compile(r"^[^@\s,;<>]+@[^@\s,;<>]+$")
+log = logging.getLogger(__name__)
 
 
 # -- the work ------------------------------------------------------------------
@@ -41,11 +42,10 @@ async def set_policy(store: Store, account: str, *, threshold: str | None = None
     new_amount = acct.topup_amount if amount is None else parse_amount(
         amount, decimals=decimals, what="--amount")
     new_action = acct.action if action is None else action
-    new_email = acct.email if email is None else email.strip()
+    new_email = acct.email if email is None else email
     if new_action not in ACTIONS:
         raise InputError(f"--action {new_action!r} must be one of {', '.join(ACTIONS)}")
-    if new_email and not _EMAIL_RE.match(new_email):
-        raise InputError(f"--email {new_email!r} is not an e-mail address like name@example.org")
+    check_email(new_email)
     if enabled is None:
         enabled = (new_action != "none") if action is not None else acct.policy_enabled
     if new_action != "none" and enabled:
@@ -76,8 +76,13 @@ async def set_policy(store: Store, account: str, *, threshold: str | None = None
 async def set_card(store: Store, account: str, *, token: str, brand: str, last4: str,
                    exp: str, today: date | None = None) -> Account:
     card = validate_card(token, brand, last4, exp, today or date.today())
-    if store.settings.payments.gateway == "stripe":
+    gateway = store.settings.payments.gateway
+    if gateway == "stripe":
         split_token(card.token)
+    elif not card.token.startswith("tok_"):  # it could never be charged: refuse it now
+        raise InputError(f"card token {card.token!r} is not a sandbox token (tok_ok, "
+                         "tok_decline, ...) and [payments] gateway is \"sandbox\"; set "
+                         "gateway = \"stripe\" before storing real tokens")
     await store.ledger.get(check_account_id(account))
     return await store.ledger.update(account, card_token=card.token, card_brand=card.brand,
                                      card_last4=card.last4, card_exp=card.exp, declines="0",
@@ -100,31 +105,41 @@ def presets(settings: Settings) -> tuple[int, ...]:
 
 
 async def manual_topup(store: Store, account: str, amount: int, reference: str,
-                       override: bool = False) -> Change:
+                       override: bool = False, problems: list[str] | None = None) -> Change:
     """Credit a manual top-up (key ``topup:<reference>``) and queue its receipt e-mail.
 
     Refuses an amount above ``[policy] max_topup`` unless ``override``.  The receipt goes
     through the mail queue, so an SMTP outage never loses it and never delays the credit.
+    Once the money is credited nothing raises: a receipt that cannot be queued is logged
+    and described in ``problems``, so the admin never retries (and credits twice).
     """
+    check_reference(reference)
     acct = await store.ledger.get(check_account_id(account))
     cap = store.settings.policy.max_topup
     if amount > cap and not override:
         raise InputError(f"top-up of {format_amount(amount, acct.currency)} is above the maximum "
                          f"of {format_amount(cap, acct.currency)} ([policy] max_topup); "
                          "use --override to allow it")
-    if not reference:
-        raise InputError("a manual top-up needs a reference")
     change = await store.ledger.credit(account, amount, key=f"topup:{reference}", ref=reference)
     if acct.email:  # queued again after a crash is harmless: the mail id is the same
-        settings = store.settings
-        ctx = mail_context(acct, amount=format_amount(amount, acct.currency),
-                           balance=format_amount(change.balance, acct.currency),
-                           reference=reference)
-        msg = compose(Templates(settings.smtp.templates), settings.smtp.sender, acct.email,
-                      "manual_receipt", ctx, f"manual:{account}:{reference}")
-        await MailQueue(store.redis, settings.redis.key_prefix).enqueue(
-            f"manual:{account}:{reference}", msg)
+        try:
+            await _queue_receipt(store, acct, amount, change, reference)
+        except Exception as exc:  # noqa: BLE001 - the credit stands whatever the mail does
+            log.error("top-up %s of %s credited, but its receipt to %r was not queued: %s",
+                      reference, account, acct.email, exc)
+            if problems is not None:
+                problems.append(f"receipt to {acct.email!r} not queued: {exc}")
     return change
+
+
+async def _queue_receipt(store: Store, acct: Account, amount: int, change: Change,
+                         reference: str) -> None:
+    settings, mail_id = store.settings, f"manual:{acct.id}:{reference}"
+    ctx = mail_context(acct, amount=format_amount(amount, acct.currency),
+                       balance=format_amount(change.balance, acct.currency), reference=reference)
+    msg = compose(Templates(settings.smtp.templates), settings.smtp.sender, acct.email,
+                  "manual_receipt", ctx, mail_id)
+    await MailQueue(store.redis, settings.redis.key_prefix).enqueue(mail_id, msg)
 
 
 # -- click -------------------------------------------------------------------------

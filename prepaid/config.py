@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from prepaid.errors import ConfigError, InputError
+from prepaid.inputs import check_email
 from prepaid.money import check_currency, currency_decimals, parse_amount
 from prepaid.ratedeck import Normalisation
 
@@ -239,7 +240,7 @@ def _validate(s: Settings, where: str) -> None:
     if not re.match(r"^(rediss?|unix|redis\+sentinel|redis\+cluster)://", s.redis.url):
         raise ConfigError(f"{where}: [redis] url {s.redis.safe_url!r} must start with "
                           "redis://, rediss://, unix://, redis+sentinel:// or redis+cluster://")
-    if not re.match(r"^[^:]+:[0-9]{1,5}$|^\[[0-9a-fA-F:]+\]:[0-9]{1,5}$", s.agi.listen):
+    if not re.fullmatch(r"[^:\s]+:[0-9]{1,5}|\[[0-9a-fA-F:]+\]:[0-9]{1,5}", s.agi.listen):
         raise ConfigError(f"{where}: [agi] listen {s.agi.listen!r} must be HOST:PORT")
     for entry in s.agi.allow:
         try:
@@ -257,9 +258,13 @@ def _validate(s: Settings, where: str) -> None:
     if s.payments.gateway not in ("sandbox", "stripe"):
         raise ConfigError(f"{where}: [payments] gateway {s.payments.gateway!r} must be "
                           "\"sandbox\" or \"stripe\"")
-    if s.metrics.listen and not re.match(r"^[^:]*:[0-9]{1,5}$|^\[[0-9a-fA-F:]+\]:[0-9]{1,5}$",
-                                         s.metrics.listen):
+    if s.metrics.listen and not re.fullmatch(r"[^:\s]*:[0-9]{1,5}|\[[0-9a-fA-F:]+\]:[0-9]{1,5}",
+                                             s.metrics.listen):
         raise ConfigError(f"{where}: [metrics] listen {s.metrics.listen!r} must be HOST:PORT")
+    try:
+        check_email(s.smtp.sender, "[smtp] from")
+    except InputError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
     if s.billing.max_call_seconds < 1:
         raise ConfigError(f"{where}: [billing] max_call_seconds must be at least 1")
 

@@ -48,7 +48,7 @@ elseif op == 'debit' then
   end
   delta = -amount
 elseif op == 'reserve' then
-  if amount <= 0 then return {'BAD_AMOUNT', balance, held, '', 0, 0} end
+  -- 0 is a free destination's hold: recorded like any other, so metering finds the call
   if redis.call('HGET', acct, 'status') ~= 'active' then
     return {'SUSPENDED', balance, held, '', 0, 0}
   end

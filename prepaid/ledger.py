@@ -21,6 +21,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisClusterException, RedisError
 
 from prepaid.errors import InputError, LedgerError, StoreUnavailable, UnknownAccount
+from prepaid.inputs import check_email
 from prepaid.money import check_currency, format_amount
 from prepaid.outage import OutageLog
 
@@ -33,7 +34,7 @@ RedisClient: TypeAlias = aioredis.Redis | RedisCluster
 # RedisError) when no node answers or a slot has no primary, as during a failover.
 REDIS_ERRORS: tuple[type[Exception], ...] = (RedisError, RedisClusterException, OSError)
 
-_ACCOUNT_RE = re.compile(r"^[A-Za-z0-9_.+@-]{1,64}$")
+_ACCOUNT_RE = re.compile(r"[A-Za-z0-9_.+@-]{1,64}")  # fullmatch: "$" allows a newline
 _LEDGER_LUA = resources.files("prepaid").joinpath("ledger.lua").read_text()
 
 _CREATE_LUA = """
@@ -58,7 +59,7 @@ return 1
 
 
 def check_account_id(account: str) -> str:
-    if not _ACCOUNT_RE.match(account):
+    if not _ACCOUNT_RE.fullmatch(account):
         raise InputError(f"account id {account!r} must be 1-64 letters, digits or _.+@-")
     return account
 
@@ -195,6 +196,7 @@ class Ledger:
                              topup_amount: int = 0) -> Account:
         check_account_id(account)
         check_currency(currency)
+        check_email(email)
         enabled = "1" if action != "none" else "0"
         made = await self._call(self._create(
             keys=[self.account_key(account), self.keys(account)[2]],
@@ -219,6 +221,8 @@ class Ledger:
         if bad:
             raise ValueError(f"not settable: {', '.join(sorted(bad))}")
         check_account_id(account)
+        if "email" in values:
+            check_email(values["email"])
         args = [x for kv in values.items() for x in kv]
         if not await self._call(self._update(keys=[self.account_key(account)], args=args)):
             raise UnknownAccount(account)

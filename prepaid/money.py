@@ -25,8 +25,19 @@ SUBUNIT_DECIMALS = 6
 _CURRENCY_DECIMALS = {"JPY": 0, "KRW": 0, "CLP": 0, "ISK": 0, "BHD": 3, "KWD": 3, "JOD": 3,
                       "OMR": 3, "TND": 3}
 _SYMBOLS = {"EUR": "€", "USD": "$", "GBP": "£", "JPY": "¥"}
-_AMOUNT_RE = re.compile(r"^[0-9]+(\.[0-9]+)?$")
-_CURRENCY_RE = re.compile(r"^[A-Z]{3}$")
+_AMOUNT_RE = re.compile(r"[0-9]+(\.[0-9]+)?")  # fullmatch: "$" would allow a newline
+_CURRENCY_RE = re.compile(r"[A-Z]{3}")
+# The active ISO 4217 codes (2024), funds and precious metals left out: a typo like XXX or
+# EUO is refused rather than billed in.
+ISO_4217 = frozenset("""
+AED AFN ALL AMD ANG AOA ARS AUD AWG AZN BAM BBD BDT BGN BHD BIF BMD BND BOB BRL BSD BTN BWP
+BYN BZD CAD CDF CHF CLP CNY COP CRC CUP CVE CZK DJF DKK DOP DZD EGP ERN ETB EUR FJD FKP GBP
+GEL GHS GIP GMD GNF GTQ GYD HKD HNL HTG HUF IDR ILS INR IQD IRR ISK JMD JOD JPY KES KGS KHR
+KMF KPW KRW KWD KYD KZT LAK LBP LKR LRD LSL LYD MAD MDL MGA MKD MMK MNT MOP MRU MUR MVR MWK
+MXN MYR MZN NAD NGN NIO NOK NPR NZD OMR PAB PEN PGK PHP PKR PLN PYG QAR RON RSD RUB RWF SAR
+SBD SCR SDG SEK SGD SHP SLE SOS SRD SSP STN SVC SYP SZL THB TJS TMT TND TOP TRY TTD TWD TZS
+UAH UGX USD UYU UZS VES VND VUV WST XAF XCD XCG XOF XPF YER ZAR ZMW ZWG
+""".split())
 
 
 def currency_decimals(currency: str) -> int:
@@ -34,8 +45,10 @@ def currency_decimals(currency: str) -> int:
 
 
 def check_currency(currency: str) -> str:
-    if not _CURRENCY_RE.match(currency):
+    if not _CURRENCY_RE.fullmatch(currency):
         raise InputError(f"currency {currency!r} is not a three-letter ISO 4217 code like EUR")
+    if currency not in ISO_4217:
+        raise InputError(f"currency {currency!r} is not a known ISO 4217 code (like EUR, USD)")
     return currency
 
 
@@ -43,7 +56,7 @@ def parse_amount(text: str, *, decimals: int = SUBUNIT_DECIMALS, what: str = "am
                  allow_zero: bool = False) -> int:
     """Parse a positive decimal string into micro-units, refusing more than ``decimals`` places."""
     raw = text.strip()
-    if not _AMOUNT_RE.match(raw):
+    if not _AMOUNT_RE.fullmatch(raw):
         if raw.startswith("-"):
             raise InputError(f"{what} {text!r} is negative; give a positive amount like 10.00")
         raise InputError(f"{what} {text!r} is not a number like 10.00")

@@ -11,14 +11,17 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from prepaid.errors import InputError, RateError
+from prepaid.inputs import check_text
 from prepaid.money import parse_amount
 from prepaid.rating import Rate
 
 REQUIRED_COLUMNS = ("prefix", "name", "price_per_minute", "connect_fee",
                     "initial_increment", "increment")
 OPTIONAL_COLUMNS = ("minimum_duration",)
-_PREFIX_RE = re.compile(r"^[0-9]{1,20}$")
-_NUMBER_RE = re.compile(r"^[0-9]{1,32}$")
+# fullmatch and [0-9] everywhere: "$" allows a newline, \d and isdigit() take "²" and "١٢".
+_PREFIX_RE = re.compile(r"[0-9]{1,20}")
+_NUMBER_RE = re.compile(r"[0-9]{1,32}")
+_SECONDS_RE = re.compile(r"[0-9]{1,5}")
 _SEPARATORS = re.compile(r"[\s().-]")
 MAX_INCREMENT = 3600
 
@@ -41,7 +44,7 @@ class Normalisation:
             if self.national_prefix and self.country_code and digits.startswith(
                     self.national_prefix):
                 digits = self.country_code + digits[len(self.national_prefix):]
-        if not _NUMBER_RE.match(digits):
+        if not _NUMBER_RE.fullmatch(digits):
             raise RateError(f"number {number!r} is not a dialable number (digits, optional +)")
         return digits
 
@@ -85,7 +88,7 @@ class RateDeck:
 
 def _seconds(value: str, column: str, where: str, *, minimum: int) -> int:
     text = value.strip()
-    if not text.isdigit() or not (minimum <= int(text) <= MAX_INCREMENT):
+    if not _SECONDS_RE.fullmatch(text) or not (minimum <= int(text) <= MAX_INCREMENT):
         raise RateError(f"{where}: {column} {value!r} must be a whole number of seconds "
                         f"from {minimum} to {MAX_INCREMENT}")
     return int(text)
@@ -102,6 +105,9 @@ def parse_csv(text: str, source: str = "<csv>") -> RateDeck:
     """Parse a whole deck; the first bad row raises, naming ``source:line``."""
     reader = csv.DictReader(io.StringIO(text))
     header = [h.strip() for h in (reader.fieldnames or [])]
+    twice = sorted({h for h in header if header.count(h) > 1})
+    if twice:
+        raise RateError(f"{source}:1: column(s) {', '.join(twice)} appear more than once")
     missing = [c for c in REQUIRED_COLUMNS if c not in header]
     if missing:
         raise RateError(f"{source}:1: missing column(s) {', '.join(missing)}; "
@@ -118,13 +124,17 @@ def parse_csv(text: str, source: str = "<csv>") -> RateDeck:
         if not any((v or "").strip() for v in row.values()):
             continue
         prefix = row["prefix"].strip().lstrip("+")
-        if not _PREFIX_RE.match(prefix):
+        if not _PREFIX_RE.fullmatch(prefix):
             raise RateError(f"{where}: prefix {row['prefix']!r} must be 1-20 digits")
         if prefix in rates:
             raise RateError(f"{where}: prefix {prefix} appears twice")
         name = row["name"].strip()
         if not name:
             raise RateError(f"{where}: name is empty")
+        try:
+            check_text(name, "name")
+        except InputError as exc:
+            raise RateError(f"{where}: {exc}") from None
         minimum = (row.get("minimum_duration") or "").strip()
         rates[prefix] = Rate(
             prefix=prefix,

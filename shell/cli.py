@@ -21,9 +21,10 @@ from policy.commands import card_group, manual_topup, policy_cmd
 from prepaid import config as config_mod
 from prepaid import health
 from prepaid.config import Settings
-from prepaid.errors import PrepaidError
+from prepaid.errors import InputError, PrepaidError
+from prepaid.inputs import check_email, check_reference
 from prepaid.ledger import Account, Change, Entry, account_json, check_account_id
-from prepaid.money import format_amount, parse_amount
+from prepaid.money import check_currency, format_amount, parse_amount
 from prepaid.ratedeck import RateDeck, load_csv
 from prepaid.rating import Rate, billed_seconds, cost
 from prepaid.store import Store, open_store
@@ -115,9 +116,11 @@ def account_create(obj: Context, account_id: str, email: str, currency: str | No
     """Create ACCOUNT_ID (the caller's accountcode or extension) with a zero balance."""
     check_account_id(account_id)
     s = obj.settings
-    cur = (currency or s.billing.currency).upper()
-    if email and "@" not in email:
-        raise click.BadParameter(f"{email!r} is not an e-mail address", param_hint="--email")
+    cur = check_currency((currency or s.billing.currency).upper())
+    if cur != s.billing.currency:  # the deck and every cost are in the billing currency
+        raise InputError(f"--currency {cur} is not the rate deck's currency "
+                         f"{s.billing.currency} ([billing] currency)")
+    check_email(email)
     acct = obj.run(lambda st: st.ledger.create_account(
         account_id, currency=cur, email=email, threshold=s.policy.threshold,
         action=s.policy.action, topup_amount=s.policy.topup_amount))
@@ -209,23 +212,29 @@ def topup(obj: Context, account_id: str, amount: str, reference: str | None, ove
     """Credit AMOUNT, in currency units like 10.00, to ACCOUNT_ID."""
     check_account_id(account_id)
     micros = _amount(obj.settings, amount)
-    ref = reference or f"manual-{uuid.uuid4().hex[:12]}"
+    ref = check_reference(reference) if reference is not None else (
+        f"manual-{uuid.uuid4().hex[:12]}")
+    problems: list[str] = []
 
     async def body(st: Store) -> tuple[Account, Change]:
-        acct = await st.ledger.get(account_id)
-        change = await manual_topup(st, account_id, micros, ref, override=override)
-        return acct, change
+        change = await manual_topup(st, account_id, micros, ref, override=override,
+                                    problems=problems)
+        # A duplicate's Change holds the balance of the first credit: show today's.
+        return await st.ledger.get(account_id), change
 
     acct, change = obj.run(body)
     if as_json:
         _emit({"account": account_id, "amount": format_amount(micros), "reference": ref,
-               "balance": format_amount(change.balance), "duplicate": change.duplicate})
+               "balance": format_amount(acct.balance), "duplicate": change.duplicate,
+               "problems": problems})
     elif change.duplicate:
-        click.echo(f"reference {ref} was already credited; balance "
-                   f"{format_amount(change.balance, acct.currency)} (nothing changed)")
+        click.echo(f"reference {ref} was already credited (applied earlier, nothing changed); "
+                   f"balance now {format_amount(acct.balance, acct.currency)}")
     else:
         click.echo(f"credited {format_amount(micros, acct.currency)} to {account_id} "
                    f"(reference {ref}); balance {format_amount(change.balance, acct.currency)}")
+    for problem in problems:  # the credit stands: retrying would credit twice
+        click.echo(f"prepaid: warning: {problem}; the credit stands, do not retry", err=True)
 
 
 @main.command()

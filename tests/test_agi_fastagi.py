@@ -450,3 +450,17 @@ async def test_a_server_short_of_cpu_refuses_busy_and_does_not_blame_redis(
     finally:
         await server.close()
         await store.close()
+
+
+async def test_a_free_destination_is_allowed_for_the_longest_call_with_a_zero_hold(
+        agi: tuple[Store, AgiServer]) -> None:
+    store, server = agi
+    await store.rates.replace(parse_csv(DECK + "800,Freephone,0,0,60,60\n"))
+    await account(store, "1001", 0)  # no credit at all: a free call still goes through
+    peer = AgiPeer(agi_env("1700000000.9", "800123456", callerid="1001"),
+                   variables={"CHANNEL(linkedid)": "1700000000.9"})
+    commands = await peer.call(server.port)
+    longest = store.settings.billing.max_call_seconds
+    assert commands == [GET_CALLER, *variable_commands(
+        "ALLOWED", "", "1001", "1700000000.9", str(longest), f"{longest * 1000}:60000")]
+    assert await store.ledger.holds("1001") == {"call:1700000000.9": 0}

@@ -148,3 +148,19 @@ async def test_warning_when_another_call_spent_the_credit(ledger: Ledger) -> Non
     originate = sent.named("Originate")
     assert len(originate) == 1 and originate[0]["Data"] == f"{rec.channel},qwE"
     assert "credit-expires-in-one-minute" in originate[0]["Variable"]
+
+
+async def test_a_free_destination_is_metered_and_bills_zero(ledger: Ledger) -> None:
+    # A freephone row priced 0: the AGI's hold is 0 (the ledger takes it), the call is
+    # metered to its end and costs nothing.
+    free = Rate("39", "freephone", per_minute=0, connect_fee=0, initial=1, increment=1)
+    rec = load(SHARED / "answered-caller-hangs-up.ami")
+    await open_account(ledger, START)
+    await authorize(ledger, rec.ref, rec.channel, rec.number, free)
+    assert await ledger.holds("alice") == {f"call:{rec.ref}": 0}
+    meter = Meter(ledger)
+    await replay(meter, rec.messages)
+    account = await ledger.get("alice")
+    assert (account.balance, account.held) == (START, 0)
+    assert await ledger.holds("alice") == {} and meter.errors == 0
+    assert meter.settled[-1].cost == 0
