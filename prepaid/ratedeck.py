@@ -6,13 +6,13 @@ import csv
 import io
 import json
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from prepaid.errors import InputError, RateError
 from prepaid.inputs import check_text
-from prepaid.money import parse_amount
+from prepaid.money import format_amount, parse_amount
 from prepaid.rating import Rate
 
 REQUIRED_COLUMNS = ("prefix", "name", "price_per_minute", "connect_fee",
@@ -101,9 +101,12 @@ def _money(value: str, column: str, where: str) -> int:
         raise RateError(f"{where}: {exc}") from None
 
 
-def parse_csv(text: str, source: str = "<csv>") -> RateDeck:
-    """Parse a whole deck; the first bad row raises, naming ``source:line``."""
-    reader = csv.DictReader(io.StringIO(text))
+def iter_csv(lines: Iterable[str], source: str = "<csv>") -> Iterator[tuple[str, Rate]]:
+    """Parse a deck row by row, yielding ``(source:line, rate)``; the first bad row raises.
+
+    Streaming: memory does not grow with the deck. Duplicate prefixes are the caller's to
+    find (:func:`parse_csv` in memory, the rate store in Redis)."""
+    reader = csv.DictReader(lines)
     header = [h.strip() for h in (reader.fieldnames or [])]
     twice = sorted({h for h in header if header.count(h) > 1})
     if twice:
@@ -116,7 +119,6 @@ def parse_csv(text: str, source: str = "<csv>") -> RateDeck:
     if unknown:
         raise RateError(f"{source}:1: unknown column(s) {', '.join(unknown)}")
     reader.fieldnames = header
-    rates: dict[str, Rate] = {}
     for row in reader:
         where = f"{source}:{reader.line_num}"
         if None in row or any(v is None for v in row.values()):
@@ -126,8 +128,6 @@ def parse_csv(text: str, source: str = "<csv>") -> RateDeck:
         prefix = row["prefix"].strip().lstrip("+")
         if not _PREFIX_RE.fullmatch(prefix):
             raise RateError(f"{where}: prefix {row['prefix']!r} must be 1-20 digits")
-        if prefix in rates:
-            raise RateError(f"{where}: prefix {prefix} appears twice")
         name = row["name"].strip()
         if not name:
             raise RateError(f"{where}: name is empty")
@@ -136,7 +136,7 @@ def parse_csv(text: str, source: str = "<csv>") -> RateDeck:
         except InputError as exc:
             raise RateError(f"{where}: {exc}") from None
         minimum = (row.get("minimum_duration") or "").strip()
-        rates[prefix] = Rate(
+        yield where, Rate(
             prefix=prefix,
             name=name,
             per_minute=_money(row["price_per_minute"], "price_per_minute", where),
@@ -145,16 +145,52 @@ def parse_csv(text: str, source: str = "<csv>") -> RateDeck:
             increment=_seconds(row["increment"], "increment", where, minimum=1),
             minimum=_seconds(minimum, "minimum_duration", where, minimum=0) if minimum else 0,
         )
+
+
+def parse_csv(text: str, source: str = "<csv>") -> RateDeck:
+    """Parse a whole deck in memory; the first bad row raises, naming ``source:line``."""
+    return _collect(iter_csv(io.StringIO(text), source), source)
+
+
+def _collect(rows: Iterable[tuple[str, Rate]], source: str) -> RateDeck:
+    rates: dict[str, Rate] = {}
+    for where, rate in rows:
+        if rate.prefix in rates:
+            raise RateError(f"{where}: prefix {rate.prefix} appears twice")
+        rates[rate.prefix] = rate
     if not rates:
         raise RateError(f"{source}: no rates in the file")
     return RateDeck(rates.values())
 
 
-def load_csv(path: Path) -> RateDeck:
+def read_lines(path: Path, on_chars: Callable[[int], None] | None = None) -> Iterator[str]:
+    """The file's lines, one at a time (``on_chars`` is told how much was read, for a
+    progress bar); unreadable or non-UTF-8 files raise RateError naming the file."""
     try:
-        text = path.read_text(encoding="utf-8-sig")
+        handle = path.open(encoding="utf-8-sig", newline="")
     except OSError as exc:
         raise RateError(f"{path}: cannot read rate deck: {exc.strerror}") from None
-    except UnicodeDecodeError:
-        raise RateError(f"{path}: rate deck is not UTF-8 text") from None
-    return parse_csv(text, str(path))
+    with handle:
+        try:
+            for line in handle:
+                if on_chars is not None:
+                    on_chars(len(line))
+                yield line
+        except UnicodeDecodeError:
+            raise RateError(f"{path}: rate deck is not UTF-8 text") from None
+        except OSError as exc:
+            raise RateError(f"{path}: cannot read rate deck: {exc.strerror}") from None
+
+
+def load_csv(path: Path) -> RateDeck:
+    return _collect(iter_csv(read_lines(path), str(path)), str(path))
+
+
+def rate_row(rate: Rate) -> list[str]:
+    """A rate as a CSV row of :data:`CSV_COLUMNS`, read back by :func:`iter_csv` unchanged."""
+    return [rate.prefix, rate.name, format_amount(rate.per_minute, decimals=0),
+            format_amount(rate.connect_fee, decimals=0), str(rate.initial),
+            str(rate.increment), str(rate.minimum)]
+
+
+CSV_COLUMNS = REQUIRED_COLUMNS + OPTIONAL_COLUMNS
