@@ -30,9 +30,9 @@ from typing import Any
 
 from bench.common import percentile
 from prepaid.ledger import Ledger, connect
+from testbed.ami import Ami, Message
 from testbed.pbx import Pbx, free_port, pbx_unavailable_reason, project_ami_user
 from testbed.servers import RedisServer
-from tests.e2e.test_pbx_smoke import Ami, Message
 
 CONCURRENT = 20
 CALL_SECONDS = 5

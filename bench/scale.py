@@ -53,9 +53,9 @@ from prepaid.ledger import REDIS_ERRORS, Ledger, RedisClient, connect
 from prepaid.ratedeck import Normalisation, parse_csv
 from prepaid.ratestore import RateStore
 from prepaid.rating import cost
+from testbed.ami import Ami, Message
 from testbed.cluster import Cluster, ClusterUnsupported
 from testbed.pbx import Pbx, free_port, pbx_unavailable_reason, project_ami_user
-from tests.e2e.test_pbx_smoke import Ami, Message
 
 SERVERS = ("pbx-a", "pbx-b")
 CALLS = 60  # in all, half on each server

@@ -27,17 +27,17 @@ from dataclasses import dataclass, field
 from email.message import Message as EmailMessage
 from pathlib import Path
 
-from redis.asyncio import Redis
 from rich.console import Console, Group
 from rich.live import Live
 from rich.panel import Panel
 from rich.table import Table
 
 from prepaid.config import load
-from prepaid.ledger import Ledger, connect
+from prepaid.ledger import Ledger, RedisClient, connect
 from prepaid.money import format_amount
 from prepaid.ratedeck import Normalisation, parse_csv
 from prepaid.rating import cost
+from testbed.ami import Ami, Message
 from testbed.pbx import (
     Pbx,
     free_port,
@@ -46,7 +46,6 @@ from testbed.pbx import (
 )
 from testbed.servers import RedisServer
 from testbed.smtp_sink import SmtpSink
-from tests.e2e.test_pbx_smoke import Ami, Message
 
 BASE = Path(os.environ.get("PREPAID_DEMO_DIR", "/tmp/asterisk-prepaid-demo"))
 VENV_BIN = Path(sys.executable).parent
@@ -133,7 +132,7 @@ class Demo:
         self.pbx: Pbx | None = None
         self.serve: subprocess.Popen[bytes] | None = None
         self.ami: Ami | None = None
-        self.client: Redis | None = None
+        self.client: RedisClient | None = None
         self.ledger: Ledger | None = None
         self.config = BASE / "prepaid.toml"
         self.env = dict(os.environ)
@@ -295,7 +294,7 @@ class Demo:
                 if call.account == name and call.ended is not None and not call.settled:
                     assert self.client is not None
                     raw = await self.client.hget(f"prepaid:callref:{call.ref}", "state")
-                    state = raw.decode() if raw else ""
+                    state = raw.decode() if isinstance(raw, bytes) else raw or ""
                     if state in ("ended", "released") or not call.metered:
                         call.settled = True
                         call.charged = -sum(x.amount for x in history
@@ -306,11 +305,11 @@ class Demo:
         text = self.pbx.log_text()
         for m in re.finditer(r"<([^>]+)> Playing '(prepaid/[^.']+)", text[self.log_offset:]):
             channel, prompt = m.group(1), m.group(2)
-            call = next((c for c in self.calls if c.channel and channel.startswith(
+            hearer = next((c for c in self.calls if c.channel and channel.startswith(
                 c.channel.split(";")[0])), None)
-            who = call.account if call else channel
-            if call is not None:
-                call.prompts.append(prompt)
+            who = hearer.account if hearer else channel
+            if hearer is not None:
+                hearer.prompts.append(prompt)
             self.note(f"[cyan]{who} hears {prompt}[/]")
         self.log_offset = len(text)
         while len(self.seen_mail) < self.smtp.count():
@@ -368,12 +367,12 @@ class Demo:
         calls = Table("account", "dials", "outcome", "talk s", "CDR billsec", "CDR x rate",
                       "charged", "prompts heard", title="calls")
         for c in self.calls:
-            charged = "" if c.charged is None else format_amount(c.charged, "EUR")
+            shown = "" if c.charged is None else format_amount(c.charged, "EUR")
             ref = c.cdr_cost
             if ref is not None and c.charged is not None and ref != c.charged:
-                charged = f"[red]{charged} (!)[/]"
+                shown = f"[red]{shown} (!)[/]"
             calls.add_row(c.account, c.number, c.state, c.talk, c.billsec,
-                          "" if ref is None else format_amount(ref, "EUR"), charged,
+                          "" if ref is None else format_amount(ref, "EUR"), shown,
                           ", ".join(dict.fromkeys(p.removeprefix("prepaid/") for p in c.prompts)))
         self.console.print(calls)
         if any(c.cdr_cost is not None and c.charged is not None and c.cdr_cost != c.charged

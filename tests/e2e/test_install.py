@@ -31,10 +31,10 @@ import pytest
 
 from prepaid.config import parse
 from prepaid.store import open_store
+from testbed.ami import Ami
 from testbed.pbx import Pbx, free_port
 from testbed.servers import toml_text
 from testbed.smtp_sink import SmtpSink
-from tests.e2e.test_pbx_smoke import Ami
 from tests.e2e.test_system_e2e import DECK, EUR, System, config_for, rate_for, until
 from tests.test_wheel import BUILD_LEFTOVERS, REPO, build_wheel, prompt_names
 

@@ -11,96 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from testbed.ami import Ami, event
 from testbed.pbx import PROJECT_SOUNDS, Pbx
 
 pytestmark = pytest.mark.pbx
-
-Message = dict[str, str]
-
-
-class Ami:
-    """A tiny asyncio AMI client: banner, Login, then `\\r\\n`-separated messages."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
-        self.banner = ""
-        self.events: asyncio.Queue[Message] = asyncio.Queue()
-        self.responses: dict[str, asyncio.Future[Message]] = {}
-        self.seen: list[Message] = []
-        self._task: asyncio.Task[None] | None = None
-        self._next_id = 0
-
-    @classmethod
-    async def connect(cls, port: int, username: str, secret: str) -> Ami:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 5)
-        ami = cls(reader, writer)
-        ami.banner = (await asyncio.wait_for(reader.readline(), 5)).decode().strip()
-        ami._task = asyncio.create_task(ami._read_loop())
-        resp = await ami.action("Login", Username=username, Secret=secret, Events="on")
-        if resp.get("Response") != "Success":
-            raise AssertionError(f"AMI login failed: {resp}")
-        return ami
-
-    async def _read_loop(self) -> None:
-        while True:
-            raw = await self.reader.readuntil(b"\r\n\r\n")
-            msg: Message = {}
-            for line in raw.decode(errors="replace").split("\r\n"):
-                key, sep, value = line.partition(":")
-                if sep:
-                    msg.setdefault(key.strip(), value.strip())
-            action_id = msg.get("ActionID", "")
-            if "Response" in msg and action_id in self.responses:
-                self.responses.pop(action_id).set_result(msg)
-            elif "Event" in msg:
-                self.seen.append(msg)
-                self.events.put_nowait(msg)
-
-    async def action(self, name: str, within: float = 10, **fields: str) -> Message:
-        self._next_id += 1
-        action_id = f"t-{self._next_id}"
-        fut: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
-        self.responses[action_id] = fut
-        lines = [f"Action: {name}", f"ActionID: {action_id}"]
-        lines += [f"{k}: {v}" for k, v in fields.items()]
-        self.writer.write(("\r\n".join(lines) + "\r\n\r\n").encode())
-        await self.writer.drain()
-        return await asyncio.wait_for(fut, within)
-
-    async def wait_event(
-        self, match: Callable[[Message], bool], within: float = 10
-    ) -> Message:
-        """The first event (already seen or coming) for which `match` is true."""
-        for msg in self.seen:
-            if match(msg):
-                return msg
-
-        async def until() -> Message:
-            while True:
-                msg = await self.events.get()
-                if match(msg):
-                    return msg
-
-        return await asyncio.wait_for(until(), within)
-
-    async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-        self.writer.close()
-        try:
-            await self.writer.wait_closed()
-        except (ConnectionError, OSError):
-            pass
-
-
-def event(name: str, **fields: str) -> Callable[[Message], bool]:
-    def match(msg: Message) -> bool:
-        return msg.get("Event") == name and all(
-            re.search(v, msg.get(k, "")) for k, v in fields.items()
-        )
-
-    return match
 
 
 @pytest.fixture

@@ -38,11 +38,11 @@ from prepaid.ratedeck import Normalisation, parse_csv
 from prepaid.rating import Rate, cost
 from prepaid.store import Store, open_store
 from shell.serve import run_services
+from testbed.ami import Ami, Message, event
 from testbed.pbx import Pbx, free_port, project_ami_user
 from testbed.servers import toml_text
 from testbed.sipload import SCENARIOS
 from testbed.smtp_sink import SmtpSink, body_text
-from tests.e2e.test_pbx_smoke import Ami, Message, event
 
 pytestmark = pytest.mark.pbx
 

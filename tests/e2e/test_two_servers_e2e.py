@@ -31,10 +31,10 @@ from prepaid.callrecord import record_key
 from prepaid.ledger import Entry
 from prepaid.rating import block_cost, cost
 from prepaid.store import Store, open_store
+from testbed.ami import Ami, Message, event
 from testbed.pbx import Pbx, free_port, project_ami_user
 from testbed.servers import toml_text
 from tests.cluster_fixtures import cluster, cluster_settings, cluster_url  # noqa: F401
-from tests.e2e.test_pbx_smoke import Ami, Message, event
 from tests.e2e.test_system_e2e import (
     DECK,
     EUR,
