@@ -12,7 +12,7 @@ test: setup
 
 lint: setup
 	$(VENV)/bin/ruff check prepaid agi ami_listener policy tests bench testbed
-	$(VENV)/bin/mypy prepaid agi ami_listener policy
+	$(VENV)/bin/mypy prepaid agi ami_listener policy testbed
 
 bench: setup
 	$(PY) -m bench

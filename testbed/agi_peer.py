@@ -71,8 +71,8 @@ class AgiPeer:
             value = re.sub(r"\$\{([^}]*)\}", lambda m: known.get(m[1], ""), words[3])
             return [f"200 result=1 ({value})"]
         if verb == "GET VARIABLE" and len(words) == 3:
-            value = self.variables.get(words[2])
-            return ["200 result=0"] if value is None else [f"200 result=1 ({value})"]
+            found = self.variables.get(words[2])
+            return ["200 result=0"] if found is None else [f"200 result=1 ({found})"]
         if verb == "STREAM FILE":
             return ["200 result=0 endpos=12000"]
         if verb == "SAY NUMBER":
@@ -84,13 +84,12 @@ class AgiPeer:
             return ["200 result=1"]
         return ["510 Invalid or unknown command"]
 
-    async def run(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter | object,
+    async def run(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                   within: float = 10.0) -> list[str]:
         """Send the header, answer commands until the other side closes; return the commands."""
         header = "".join(f"{k}: {v}\n" for k, v in self.env.items()) + "\n"
-        w = writer
-        w.write(header.encode())  # type: ignore[attr-defined]
-        await w.drain()  # type: ignore[attr-defined]
+        writer.write(header.encode())
+        await writer.drain()
         async with asyncio.timeout(within):
             while True:
                 line = await reader.readline()
@@ -103,9 +102,9 @@ class AgiPeer:
                         and command.startswith(self.hangup_at)):
                     await self.hold_reply.wait()
                 for out in self.reply(command):
-                    w.write(out.encode() + b"\n")  # type: ignore[attr-defined]
+                    writer.write(out.encode() + b"\n")
                 try:
-                    await w.drain()  # type: ignore[attr-defined]
+                    await writer.drain()
                 except (ConnectionError, OSError):
                     return self.commands
 

@@ -30,7 +30,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from ami_listener.meter import calls_key
 from ami_listener.protocol import Message, split
@@ -438,7 +438,8 @@ async def live_result(b: Bench, outcome: Outcome) -> dict[str, Any]:
     for call in outcome.calls:
         history = await ledger.history(call.account, 1000)
         spent = -sum(e.amount for e in history if call.ref in e.ref and e.kind != "reserve")
-        rows = await b.store.redis.xrange(calls_key(ledger, call.account))
+        rows: list[tuple[bytes, dict[bytes, bytes]]] = cast(
+            Any, await b.store.redis.xrange(calls_key(ledger, call.account)))
         logged = [{k.decode(): v.decode() for k, v in f.items()} for _, f in rows]
         mine = [r for r in logged if r.get("ref") == call.ref]
         cdrs = [m for m in b.rec.msgs if m.get("Event") == "Cdr"
