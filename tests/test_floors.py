@@ -22,7 +22,7 @@ ALLOWED: dict[str, frozenset[str]] = {
     SHELL: frozenset({CORE, *SERVICES}),
 }
 # Where an import by string would hide an edge from the reader and from this test.
-STRING_IMPORT_DIRS = (*PROJECT, "bench")
+STRING_IMPORT_DIRS = (*PROJECT, "bench", "testbed")
 
 
 @dataclass(frozen=True)
@@ -104,6 +104,14 @@ def test_nothing_but_the_shell_imports_the_shell() -> None:
     paths = [p for pkg in (CORE, *SERVICES) for p in modules(pkg)]
     bad = [f"{e.path}:{e.line}: imports {e.imported}" for p in paths for e in imports(p)
            if top(e.imported) == SHELL]
+    assert bad == []
+
+
+def test_the_test_bed_and_the_benchmarks_import_nothing_of_the_tests() -> None:
+    """Tests, benchmarks and the demo share the test bed; no test module is a toolbox."""
+    paths = [p for d in ("testbed", "bench") for p in modules(d)]
+    bad = [f"{e.path}:{e.line}: imports {e.imported}" for p in paths for e in imports(p)
+           if top(e.imported) == "tests"]
     assert bad == []
 
 
