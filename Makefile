@@ -11,8 +11,8 @@ test: setup
 	bash scripts/test.sh
 
 lint: setup
-	$(VENV)/bin/ruff check prepaid agi ami_listener policy tests bench testbed
-	$(VENV)/bin/mypy prepaid agi ami_listener policy testbed
+	$(VENV)/bin/ruff check prepaid agi ami_listener policy shell tests bench testbed
+	$(VENV)/bin/mypy prepaid agi ami_listener policy shell testbed
 
 bench: setup
 	$(PY) -m bench
