@@ -32,6 +32,7 @@ from rich.live import Live
 from rich.panel import Panel
 from rich.table import Table
 
+from prepaid.callrecord import record_key
 from prepaid.config import load
 from prepaid.ledger import Ledger, RedisClient, connect
 from prepaid.money import format_amount
@@ -293,7 +294,7 @@ class Demo:
             for call in self.calls:
                 if call.account == name and call.ended is not None and not call.settled:
                     assert self.client is not None
-                    raw = await self.client.hget(f"prepaid:callref:{call.ref}", "state")
+                    raw = await self.client.hget(record_key("prepaid", call.ref), "state")
                     state = raw.decode() if isinstance(raw, bytes) else raw or ""
                     if state in ("ended", "released") or not call.metered:
                         call.settled = True
