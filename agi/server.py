@@ -75,6 +75,15 @@ def bind(agi: AgiSettings) -> list[socket.socket]:
     return socks
 
 
+def warn_callerid(agi: AgiSettings) -> None:
+    """Caller ID is whatever the caller sends (a SIP From header): as an account source it
+    lets a caller choose who pays."""
+    if "callerid" in agi.account_sources:
+        log.warning("[agi] account_sources holds \"callerid\": a caller who sets their own "
+                    "caller ID (a SIP From header) chooses the paying account; set the "
+                    "accountcode per endpoint and use [\"variable\", \"accountcode\"]")
+
+
 class AgiServer:
     """Listens on ``[agi] listen``; ``port=0`` picks a free port (see :attr:`port`); or on
     ``socks`` already listening (from :func:`bind`)."""
@@ -128,6 +137,7 @@ class AgiServer:
         self._watch = asyncio.get_running_loop().create_task(self._watch_loop(),
                                                              name="agi-loop-watch")
         log.info("FastAGI listening on %s:%s", self.host, self.port)
+        warn_callerid(self.store.settings.agi)
 
     async def _watch_loop(self, every: float = 0.1) -> None:
         """How late this loop runs, decaying over about a second: the routes tell a server
@@ -150,8 +160,6 @@ class AgiServer:
             log.error("AGI connection task failed", exc_info=task.exception())
 
     def _allowed(self, peer: object) -> bool:
-        if not self.allow:
-            return True
         try:
             address = ipaddress.ip_address(peer[0])  # type: ignore[index]
         except (TypeError, ValueError, IndexError):

@@ -23,6 +23,9 @@ from prepaid.ratedeck import Normalisation
 ENV_CONFIG = "PREPAID_CONFIG"
 DEFAULT_PATHS = (Path("/etc/asterisk-prepaid/prepaid.toml"),)
 ACCOUNT_SOURCES = ("variable", "accountcode", "callerid")
+# Caller ID is set by the caller (a SIP From header): opt-in only, never a default.
+DEFAULT_ACCOUNT_SOURCES = ("variable", "accountcode")
+LOOPBACK = ("127.0.0.0/8", "::1")
 ACTIONS = ("none", "email", "topup")
 
 
@@ -87,12 +90,12 @@ class AmiSettings:
 @dataclass(frozen=True)
 class AgiSettings:
     listen: str = "127.0.0.1:4573"
-    account_sources: tuple[str, ...] = ACCOUNT_SOURCES
+    account_sources: tuple[str, ...] = DEFAULT_ACCOUNT_SOURCES
     fail_open: bool = False
     hangup_on_deny: bool = True
     timeout: float = 3.0
     warning_ms: int = 60_000
-    allow: tuple[str, ...] = ()  # client networks allowed to connect; empty: any
+    allow: tuple[str, ...] = LOOPBACK  # client networks allowed to connect
     header_timeout: float = 5.0
     ring_seconds: int = 60  # Dial's ring timeout; part of the call's first TIMEOUT(absolute)
     command_timeout: float = 30.0
@@ -242,6 +245,10 @@ def _validate(s: Settings, where: str) -> None:
                           "redis://, rediss://, unix://, redis+sentinel:// or redis+cluster://")
     if not re.fullmatch(r"[^:\s]+:[0-9]{1,5}|\[[0-9a-fA-F:]+\]:[0-9]{1,5}", s.agi.listen):
         raise ConfigError(f"{where}: [agi] listen {s.agi.listen!r} must be HOST:PORT")
+    if not s.agi.allow:
+        raise ConfigError(f"{where}: [agi] allow is empty; list the networks of your Asterisk "
+                          "servers, e.g. [\"127.0.0.1\", \"10.0.0.5\"] (the default is "
+                          "loopback only; [\"0.0.0.0/0\", \"::/0\"] is any client)")
     for entry in s.agi.allow:
         try:
             ipaddress.ip_network(entry.strip(), strict=False)

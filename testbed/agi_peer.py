@@ -16,9 +16,12 @@ DEAD = "511 Command Not Permitted on a dead channel or intercepted routine"
 
 
 def agi_env(uniqueid: str = "1700000000.1", extension: str = "00491701234567", *,
-            callerid: str = "1001", accountcode: str = "", script: str = "authorize",
+            callerid: str = "1001", accountcode: str | None = None, script: str = "authorize",
             port: int = 4573, **extra: str) -> dict[str, str]:
-    """The header Asterisk 22 sends for AGI(agi://127.0.0.1:<port>/<script>)."""
+    """The header Asterisk 22 sends for AGI(agi://127.0.0.1:<port>/<script>). The phone's
+    endpoint has an accountcode: by default its caller ID, as the install notes set it."""
+    if accountcode is None:
+        accountcode = callerid
     env = {
         "agi_network": "yes", "agi_network_script": script,
         "agi_request": f"agi://127.0.0.1:{port}/{script}",

@@ -236,7 +236,8 @@ class Demo:
         assert self.ami is not None
         resp = await self.ami.action(
             "Originate", Channel=f"Local/{call.number}@prepaid-outbound", Application="Wait",
-            Data="300", CallerID=f'"{call.account}" <{call.account}>', Async="true",
+            Data="300", CallerID=f'"{call.account}" <{call.account}>', Account=call.account,
+            Async="true",
             Timeout="30000", ChannelId=f"orig-{call.ref}", OtherChannelId=call.ref)
         call.state = "calling" if resp.get("Response") == "Success" else "originate failed"
         self.note(f"{call.account} dials {call.number} ({call.what})")

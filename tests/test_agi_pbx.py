@@ -47,7 +47,7 @@ async def test_allowed_call_is_authorized_and_dialed_with_the_limit(
         assert "prepaid" in pbx.cli("manager show users")
         assert "TIMEOUT(absolute)=${PREPAID_TIMEOUT}" in pbx.cli(
             "dialplan show prepaid-outbound")
-        # SIPp's uac calls from user 'sipp': that caller ID is the account.
+        # SIPp's uac calls as the endpoint 'sipp', whose accountcode is the account.
         await store.ledger.create_account("sipp", currency="EUR")
         await store.ledger.credit("sipp", 1_000_000, key="seed")
         # 0044...: the test bed's far end answers and hangs up after a few seconds.

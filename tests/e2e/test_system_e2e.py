@@ -230,12 +230,13 @@ class System:
 
     # -- calls ------------------------------------------------------------------------
     async def originate(self, number: str, account: str) -> Call:
-        """AMI Originate of Local/<number>@prepaid-outbound with the account as caller id;
-        the dialplan side of the Local channel (;2) gets the Uniqueid ``ref``."""
+        """AMI Originate of Local/<number>@prepaid-outbound with the account as accountcode
+        (and caller id); the dialplan side of the Local channel (;2) gets the Uniqueid ``ref``."""
         ref = f"e2e{secrets.token_hex(6)}"
         resp = await self.ami.action(
             "Originate", Channel=f"Local/{number}@prepaid-outbound", Application="Wait",
-            Data="300", CallerID=f'"{account}" <{account}>', Async="true", Timeout="30000",
+            Data="300", CallerID=f'"{account}" <{account}>', Account=account, Async="true",
+            Timeout="30000",
             ChannelId=f"orig-{ref}", OtherChannelId=ref)
         assert resp["Response"] == "Success", resp
         return Call(ref, account, number)
@@ -366,11 +367,12 @@ async def test_funded_call_by_ami_is_billed_exactly(system: System) -> None:
 
 async def test_funded_call_by_sipp_is_billed_exactly_6_6(system: System) -> None:
     await system.start()
-    await system.account("1002", 10 * EUR)
+    # The test bed's SIPp endpoint has accountcode sipp: the account, whatever From says.
+    await system.account("sipp", 10 * EUR)
     number = "00880412345"  # 6/6 with a connect fee; the far end hangs up after 4 s
-    sipp = system.sipp_call(number, "1002")
-    ref = await system.sipp_ref("1002")
-    call = Call(ref, "1002", number)
+    sipp = system.sipp_call(number, "sipp")
+    ref = await system.sipp_ref("sipp")
+    call = Call(ref, "sipp", number)
     assert await system.status(ref) == ("ALLOWED", "")
     await system.answered(call)
     await system.ended(call)
@@ -380,7 +382,7 @@ async def test_funded_call_by_sipp_is_billed_exactly_6_6(system: System) -> None
     assert rate.increment == 6 and rate.connect_fee == 100_000
     charged = await system.check_billed(call, rate)
     assert charged == cost(rate, call.billsec) == 100_000 + 3 * EUR  # 0.10 + 6 s at 0.50/s
-    acct = await system.store.ledger.get("1002")
+    acct = await system.store.ledger.get("sipp")
     assert (acct.balance, acct.held) == (10 * EUR - charged, 0)
 
 

@@ -101,7 +101,8 @@ class Server:
         tag = f"t{secrets.token_hex(5)}"
         resp = await self.ami.action(
             "Originate", Channel=f"Local/{number}@prepaid-outbound", Application="Wait",
-            Data="300", CallerID=f'"{tag}" <{account}>', Async="true", Timeout="30000")
+            Data="300", CallerID=f'"{tag}" <{account}>', Account=account, Async="true",
+            Timeout="30000")
         assert resp["Response"] == "Success", resp
         ref = await self.ami.wait_event(
             event("VarSet", Variable="^PREPAID_CALLREF$", CallerIDName=f"^{tag}$"), 10)
