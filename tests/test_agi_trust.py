@@ -14,7 +14,7 @@ from prepaid import config
 from prepaid.errors import ConfigError
 from prepaid.ratedeck import parse_csv
 from prepaid.store import Store, open_store
-from tests.agi_peer import AgiPeer, agi_env
+from testbed.agi_peer import AgiPeer, agi_env
 from tests.test_agi_fastagi import DECK, EUR, account, make_settings, start
 
 
