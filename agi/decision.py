@@ -130,5 +130,6 @@ def pick_account(sources: tuple[str, ...], env: Mapping[str, str],
 
 
 def dialed_number(args: Sequence[str], env: Mapping[str, str]) -> str:
-    """The number to rate: the route's first argument if given, else the extension."""
+    """The number to rate: the route's first argument if given (for FastAGI the one after
+    the secret), else the extension."""
     return ((args[0] if args else "") or env.get("agi_extension") or "").strip()

@@ -113,9 +113,12 @@ class AgiSession:
     """One AGI conversation: the header environment and command/reply over the stream."""
 
     def __init__(self, env: dict[str, str], reader: asyncio.StreamReader, writer: Writer, *,
-                 command_timeout: float = COMMAND_TIMEOUT, script: str | None = None) -> None:
+                 command_timeout: float = COMMAND_TIMEOUT, script: str | None = None,
+                 secret_slot: bool = False) -> None:
         self.env = env
         self._script = script
+        # FastAGI: the first argument is [agi] secret, not the route's (see `secret`).
+        self._secret_slot = secret_slot
         self.reader = reader
         self.writer = writer
         self.command_timeout = command_timeout
@@ -130,15 +133,28 @@ class AgiSession:
         name = self.env.get("agi_network_script") or self.env.get("agi_request", "")
         return name.split("?", 1)[0].rsplit("/", 1)[-1]
 
-    @property
-    def args(self) -> list[str]:
-        """The route's arguments: agi_arg_1.. (for process AGI without the route name)."""
+    def _all_args(self) -> list[str]:
         args = []
         for n in range(1, 100):
             value = self.env.get(f"agi_arg_{n}")
             if value is None:
                 break
             args.append(value)
+        return args
+
+    @property
+    def secret(self) -> str:
+        """What the request passed as ``[agi] secret`` (FastAGI: its first argument)."""
+        args = self._all_args()
+        return args[0] if self._secret_slot and args else ""
+
+    @property
+    def args(self) -> list[str]:
+        """The route's arguments: agi_arg_1.. (for process AGI without the route name, for
+        FastAGI without the secret)."""
+        args = self._all_args()
+        if self._secret_slot:
+            args = args[1:]
         if self._script is not None and args[:1] == [self._script]:
             args = args[1:]
         return args

@@ -8,6 +8,7 @@ serving.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import ipaddress
 import logging
 import socket
@@ -21,6 +22,7 @@ from agi.protocol import (
     read_header,
 )
 from agi.routes import RouteContext, dispatch, new_context
+from prepaid import metrics
 from prepaid.config import AgiSettings
 from prepaid.errors import ConfigError, ServeError
 from prepaid.outage import OutageLog
@@ -75,6 +77,38 @@ def bind(agi: AgiSettings) -> list[socket.socket]:
     return socks
 
 
+class RefusedLog:
+    """A flood of refused requests logged once: the first at WARNING, repeats at DEBUG, and
+    one summary at INFO when a good request comes again."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.refused = 0  # in this spell
+        self.peers: set[str] = set()
+
+    def refuse(self, peer: str) -> None:
+        if not self.refused:
+            log.warning("AGI request from %s refused: %s (further ones are counted in "
+                        "prepaid_agi_refused_total and logged at DEBUG)", peer, self.what)
+        else:
+            log.debug("AGI request from %s refused: %s", peer, self.what)
+        self.refused += 1
+        if len(self.peers) < 10:
+            self.peers.add(peer)
+
+    def good(self) -> None:
+        if self.refused:
+            log.info("AGI requests accepted again; %s refused meanwhile (%s) from %s",
+                     self.refused, self.what, ", ".join(sorted(self.peers)))
+            self.refused = 0
+            self.peers.clear()
+
+
+def secret_ok(given: str, secret: str) -> bool:
+    """The request passed ``[agi] secret`` (compared in constant time)."""
+    return hmac.compare_digest(given.encode(), secret.encode())
+
+
 def warn_callerid(agi: AgiSettings) -> None:
     """Caller ID is whatever the caller sends (a SIP From header): as an account source it
     lets a caller choose who pays."""
@@ -82,6 +116,13 @@ def warn_callerid(agi: AgiSettings) -> None:
         log.warning("[agi] account_sources holds \"callerid\": a caller who sets their own "
                     "caller ID (a SIP From header) chooses the paying account; set the "
                     "accountcode per endpoint and use [\"variable\", \"accountcode\"]")
+
+
+def _peer_text(peer: object) -> str:
+    try:
+        return f"{peer[0]}:{peer[1]}"  # type: ignore[index]
+    except (TypeError, IndexError):
+        return str(peer)
 
 
 class AgiServer:
@@ -100,6 +141,10 @@ class AgiServer:
         self.header_timeout = agi.header_timeout if header_timeout is None else header_timeout
         self.command_timeout = agi.command_timeout if command_timeout is None else command_timeout
         self.max_connections = agi.max_connections if max_connections is None else max_connections
+        self.max_per_client = agi.max_connections_per_client
+        self._per_client: dict[str, int] = {}  # open connections by peer address
+        self.crowded = RefusedLog(f"more than [agi] max_connections_per_client "
+                                  f"({self.max_per_client}) open from its address")
         self.allow = parse_allow(agi.allow)
         # Started now: a missing metering heartbeat counts only after [agi]
         # metering_stale_seconds, while the listener beside this server logs in.
@@ -110,6 +155,8 @@ class AgiServer:
         self._watch: asyncio.Task[None] | None = None
         self.served = 0
         self.rejected = 0
+        self.bad_secret = RefusedLog("without [agi] secret as its first argument, or a "
+                                     "wrong one")
 
     @property
     def outage(self) -> OutageLog:
@@ -169,16 +216,26 @@ class AgiServer:
     async def _connection(self, reader: asyncio.StreamReader,
                           writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
+        address = _peer_text(peer).rsplit(":", 1)[0]
+        self._per_client[address] = self._per_client.get(address, 0) + 1
         try:
             if len(self._tasks) > self.max_connections:
                 self.rejected += 1
+                metrics.AGI_REFUSED.labels("connections").inc()
                 log.warning("AGI connection from %s refused: %s connections open", peer,
                             self.max_connections)
                 return
             if not self._allowed(peer):
                 self.rejected += 1
+                metrics.AGI_REFUSED.labels("allow").inc()
                 log.warning("AGI connection from %s refused: not in [agi] allow", peer)
                 return
+            if self._per_client[address] > self.max_per_client:
+                self.rejected += 1
+                metrics.AGI_REFUSED.labels("per_client").inc()
+                self.crowded.refuse(_peer_text(peer))
+                return
+            self.crowded.good()
             try:
                 env = await read_header(reader, within=self.header_timeout)
             except AgiHeaderError as exc:
@@ -189,10 +246,24 @@ class AgiServer:
                 self.rejected += 1
                 log.warning("AGI connection from %s lost in header: %s", peer, exc)
                 return
-            session = AgiSession(env, reader, writer, command_timeout=self.command_timeout)
+            session = AgiSession(env, reader, writer, command_timeout=self.command_timeout,
+                                 secret_slot=True)
+            secret = self.store.settings.agi.secret
+            if secret and not secret_ok(session.secret, secret):
+                # Before any AGI command or Redis step: a stranger learns nothing.
+                self.rejected += 1
+                metrics.AGI_REFUSED.labels("secret").inc()
+                self.bad_secret.refuse(_peer_text(peer))
+                return
+            self.bad_secret.good()
             await dispatch(session, self.store, self.context)
             self.served += 1
         finally:
+            left = self._per_client[address] - 1
+            if left:
+                self._per_client[address] = left
+            else:
+                del self._per_client[address]
             writer.close()
             try:
                 await writer.wait_closed()

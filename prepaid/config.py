@@ -1,7 +1,8 @@
 """Configuration: one TOML file parsed once into frozen settings; errors name the key and file.
 
 Secrets may come from the environment instead of the file: ``PREPAID_REDIS_URL``,
-``PREPAID_AMI_SECRET``, ``PREPAID_SMTP_PASSWORD`` and ``STRIPE_API_KEY``.
+``PREPAID_AMI_SECRET``, ``PREPAID_AGI_SECRET``, ``PREPAID_SMTP_PASSWORD`` and
+``STRIPE_API_KEY``.
 """
 
 from __future__ import annotations
@@ -100,6 +101,8 @@ class AgiSettings:
     ring_seconds: int = 60  # Dial's ring timeout; part of the call's first TIMEOUT(absolute)
     command_timeout: float = 30.0
     max_connections: int = 1000
+    # Connections open at once from one address: one client cannot take every slot.
+    max_connections_per_client: int = 500
     # While an authorization in progress has taken longer than this, new calls are refused
     # at once (ERROR, BUSY) instead of waiting out `timeout` on an overloaded server.
     busy_seconds: float = 2.0
@@ -107,6 +110,17 @@ class AgiSettings:
     # behind, for longer than this; allow_unmetered = true lets them through unbilled.
     metering_stale_seconds: float = 5.0
     allow_unmetered: bool = False
+    # Asterisk passes it as the first AGI argument of every request; a request without it
+    # is refused. Empty: none asked, allowed only while `allow` is loopback only.
+    secret: str = field(default="", repr=False)
+
+    @property
+    def loopback_only(self) -> bool:
+        """Every network in `allow` is on this host (127.0.0.0/8, ::1)."""
+        loopback = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
+        nets = [ipaddress.ip_network(entry.strip(), strict=False) for entry in self.allow]
+        return all(any(net.version == lo.version and net.subnet_of(lo)  # type: ignore[arg-type]
+                       for lo in loopback) for net in nets)
 
     @property
     def host(self) -> str:
@@ -176,6 +190,7 @@ _MONEY_KEYS = {("policy", "threshold"), ("policy", "topup_amount"), ("policy", "
                ("policy", "daily_topup_amount")}
 _RENAMED = {("smtp", "from"): "sender"}  # TOML name -> attribute
 _ENV = {("redis", "url"): "PREPAID_REDIS_URL", ("ami", "secret"): "PREPAID_AMI_SECRET",
+        ("agi", "secret"): "PREPAID_AGI_SECRET",
         ("smtp", "password"): "PREPAID_SMTP_PASSWORD",
         ("payments", "stripe_api_key"): "STRIPE_API_KEY"}
 
@@ -216,7 +231,8 @@ def _convert(section: str, key: str, value: Any, default: Any, where: str) -> An
         # Relative paths are relative to the config file, not to where the command runs.
         return path if path.is_absolute() or where.startswith("<") else Path(where).parent / path
     if not isinstance(value, str):
-        raise ConfigError(f"{where}: {name} must be a string, not {value!r}")
+        shown = "another type" if (section, key) in _ENV else repr(value)  # never a secret
+        raise ConfigError(f"{where}: {name} must be a string, not {shown}")
     return value
 
 
@@ -255,6 +271,10 @@ def _validate(s: Settings, where: str) -> None:
         except ValueError:
             raise ConfigError(f"{where}: [agi] allow entry {entry!r} is not an address or "
                               "network like 127.0.0.1 or 10.0.0.0/8") from None
+    if not s.agi.secret and not s.agi.loopback_only:
+        raise ConfigError(f"{where}: [agi] allow lets other hosts connect, so [agi] secret "
+                          "(or PREPAID_AGI_SECRET) must be set: a long random string, also "
+                          "set as PREPAID_AGI_SECRET in extensions.conf [globals]")
     bad = [x for x in s.agi.account_sources if x not in ACCOUNT_SOURCES]
     if bad or not s.agi.account_sources:
         raise ConfigError(f"{where}: [agi] account_sources may hold only "

@@ -38,6 +38,10 @@ DEBITED_MICROS = Counter("prepaid_debited_micros", "Micro-units charged for call
 CUTOFFS = Counter("prepaid_cutoffs", "Calls hung up because their credit ran out")
 TOPUPS = Counter("prepaid_topups", "Automatic top-ups by outcome", ["outcome"])
 EMAILS = Counter("prepaid_emails", "E-mails by kind and outcome", ["kind", "outcome"])
+AGI_REFUSED = Counter("prepaid_agi_refused",
+                      "FastAGI requests refused before any lookup, by why (secret: without "
+                      "[agi] secret or with a wrong one; allow; connections; per_client)",
+                      ["why"])
 AMI_RECONNECTS = Counter("prepaid_ami_reconnects", "Times the AMI link was re-established")
 OUTBOX_LAG = Gauge("prepaid_outbox_lag", "Policy events waiting or pending in the outbox",
                    multiprocess_mode="livemax")

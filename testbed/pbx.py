@@ -402,6 +402,7 @@ class Pbx:
         system_name: str = "",
         trunk: str = "local",
         sip_accounts: Iterable[str] = (),
+        agi_secret: str = "",
     ) -> None:
         if system_name and not re.fullmatch(r"[A-Za-z0-9_.-]+", system_name):
             raise PbxError(f"system_name {system_name!r}: letters, digits, '_', '.', '-' only")
@@ -416,6 +417,8 @@ class Pbx:
         self.root = ensure_rootfs(root)
         self.agi_host = agi_host
         self.agi_port = agi_port
+        # PREPAID_AGI_SECRET in [globals]: the shipped dialplan passes it to the AGI.
+        self.agi_secret = agi_secret
         self.hangup_after = hangup_after
         self.sip_context = sip_context
         self.project_conf = project_conf
@@ -685,6 +688,7 @@ class Pbx:
             "SIP_CONTEXT": self.sip_context,
             "AGI_HOST": self.agi_host,
             "AGI_PORT": str(self.agi_port),
+            "AGI_SECRET": self.agi_secret,
             "HANGUP_AFTER": str(self.hangup_after),
             "TRUNK_GLOBALS": self._trunk_globals(),
             "IDENTIFY_ORDER": "ip" if self.trunk == "local" else "username,ip",

@@ -185,7 +185,8 @@ async def test_number_without_rate_is_refused(agi: tuple[Store, AgiServer], numb
 async def test_agi_argument_overrides_the_extension(agi: tuple[Store, AgiServer]) -> None:
     store, server = agi
     await account(store, "1001", EUR)
-    peer = AgiPeer(agi_env("r9", "s", agi_arg_1="00491701234567"))
+    # AGI(${PREPAID_AGI}/authorize,${PREPAID_AGI_SECRET},<number>): the secret comes first.
+    peer = AgiPeer(agi_env("r9", "s", agi_arg_1="", agi_arg_2="00491701234567"))
     await peer.call(server.port)
     assert peer.set_vars["PREPAID_STATUS"] == "ALLOWED"
 

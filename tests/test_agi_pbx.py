@@ -59,3 +59,41 @@ async def test_allowed_call_is_authorized_and_dialed_with_the_limit(
         log = pbx.log_path.read_text(errors="replace")
         assert "TIMEOUT(absolute)=5058" in log
         assert "Dial(\"" in log and "Local/00447700900123,60" in log
+
+
+@pytest.mark.parametrize("dialplan_secret", ["right", "wrong"])
+async def test_the_shipped_dialplan_passes_the_agi_secret(redis_url: str,
+                                                          dialplan_secret: str) -> None:
+    reason = pbx_unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    secret = "pbx-agi-secret-7f3a"
+    settings = make_settings(redis_url, timeout=3.0, secret=secret)
+    store = await open_store(settings)
+    server = AgiServer(store, host="127.0.0.1", port=0)
+    await server.start()
+    try:
+        await store.rates.replace(parse_csv(DECK))
+        await store.ledger.create_account("sipp", currency="EUR")
+        await store.ledger.credit("sipp", 1_000_000, key="seed")
+        given = secret if dialplan_secret == "right" else "not-" + secret
+        with start_pbx(agi_port=server.port, agi_secret=given) as pbx:
+            if dialplan_secret == "right":
+                await asyncio.to_thread(sipp_call, pbx, "00447700900123", "sipp")
+            else:  # the call is refused: SIPp's uac scenario may not end as it expects
+                await asyncio.to_thread(pbx.sipp, [
+                    "-sn", "uac", "-s", "00447700900123", "-m", "1", "-d", "500", "-i",
+                    "127.0.0.1", "-p", str(pbx.sipp_port), "-timeout", "10s",
+                    f"127.0.0.1:{pbx.sip_port}"], 30)
+            log = pbx.log_path.read_text(errors="replace")
+        holds = await store.ledger.holds("sipp")
+        if dialplan_secret == "right":
+            assert server.served == 1 and len(holds) == 1
+            assert "Local/00447700900123,60" in log
+        else:  # refused before any AGI command: never dialed, nothing held
+            assert (server.served, server.rejected, holds) == (0, 1, {})
+            assert "Local/00447700900123" not in log
+            assert "prepaid/call-cannot-be-completed" in log
+    finally:
+        await server.close()
+        await store.close()
