@@ -10,9 +10,10 @@ tracker on the next tick, and ledger idempotency keys make every retry safe:
   the CDR decides what the call cost): ``credit(..., key="rfd:<ref>:<n>")``
 - never answered: ``release(account, "call:<ref>", key="rel:<ref>")``
 
-At settlement the CDR wins: every block its billable seconds reach is charged, with
-``force`` when the credit no longer covers it (only a call that outlived its paid time
-while the listener was away can do that: at most ``[ami] grace_seconds`` of it).
+What to charge, refund or release at settlement is the tracker's (:class:`Finish`); a
+block the CDR reached is owed, so the meter charges it with ``force`` should the credit
+refuse it, and says so.  A settled call goes to the :class:`Reporter`: the account's call
+history (:class:`CallHistory`) in production, a recorder in tests and benchmarks.
 """
 
 from __future__ import annotations
@@ -23,14 +24,12 @@ import logging
 import re
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from ami_listener.cdrfile import CdrFile
 from ami_listener.protocol import timestamp_us
 from ami_listener.tracker import (
-    US,
     Action,
     CallInfo,
     CheckCredit,
@@ -42,13 +41,14 @@ from ami_listener.tracker import (
     NoteCdr,
     PayBlock,
     ReleaseHold,
+    Report,
+    Settlement,
     Tracker,
 )
 from prepaid import callrecord, metrics
 from prepaid.callrecord import WARNING_FILE, CallRecord, hold_id, record_key, record_pattern
 from prepaid.errors import LedgerError, StoreUnavailable, UnknownAccount
 from prepaid.ledger import REDIS_ERRORS, Ledger, RedisClient
-from prepaid.rating import billed_seconds, block_cost, cost
 
 log = logging.getLogger(__name__)
 
@@ -106,35 +106,6 @@ class OnceCommands:
             return ""
 
 
-@dataclass(frozen=True, slots=True)
-class Settlement:
-    """What a finished call cost, as written to the account's call history."""
-
-    ref: str
-    account: str
-    number: str
-    prefix: str
-    rate_name: str
-    answered: float | None
-    ended: float | None
-    duration: int
-    billed: int
-    cost: int
-    blocks: int
-    cause: str
-    source: str
-    cutoff: int
-
-    def fields(self) -> dict[str, str]:
-        return {"ref": self.ref, "account": self.account, "number": self.number,
-                "prefix": self.prefix, "rate": self.rate_name,
-                "answered": "" if self.answered is None else f"{self.answered:.6f}",
-                "ended": "" if self.ended is None else f"{self.ended:.6f}",
-                "duration": str(self.duration), "billed": str(self.billed),
-                "cost": str(self.cost), "blocks": str(self.blocks), "cause": self.cause,
-                "source": self.source, "cutoff": str(self.cutoff)}
-
-
 def calls_key(ledger: Ledger, account: str) -> str:
     """The account's call history: a stream, newest last, at most about HISTORY_MAX."""
     return f"{ledger.account_key(account)}:calls"
@@ -145,31 +116,64 @@ def logged_key(ledger: Ledger, account: str) -> str:
     return f"{ledger.account_key(account)}:calls:logged"
 
 
+class Reporter(Protocol):
+    """Where a settled call goes (cacofonisk's reporter): the call history in production,
+    a recorder in tests and benchmarks.  May raise StoreUnavailable: reported again."""
+
+    async def settled(self, settlement: Settlement) -> None: ...
+
+
+class CallHistory:
+    """The production reporter: the call record keeps the first finisher's settlement, the
+    account's call history logs it once, the record is marked ended (see _LOG_LUA)."""
+
+    def __init__(self, ledger: Ledger, prefix: str = "prepaid") -> None:
+        self.ledger = ledger
+        self.redis: RedisClient = ledger.redis
+        self.prefix = prefix
+        self._log = self.redis.register_script(_LOG_LUA)
+
+    async def settled(self, settlement: Settlement) -> None:
+        s = settlement
+        stored = await callrecord.finish(self.redis, self.prefix, s.ref, json.dumps(s.fields()))
+        first = _settlement(stored) if stored is not None else None
+        await self.complete(s.ref, s.account, first or s.fields())  # the first finisher's
+
+    async def complete(self, ref: str, account: str, fields: dict[str, str]) -> None:
+        """Steps 2 and 3 of a finished call (see _LOG_LUA): log it once, mark it ended."""
+        args = [x for kv in fields.items() for x in kv]
+        now = f"{time.time():.3f}"
+        await _call(self._log(
+            keys=[calls_key(self.ledger, account), logged_key(self.ledger, account)],
+            args=[ref, now, str(HISTORY_MAX), *args]))
+        await callrecord.ended(self.redis, self.prefix, ref, now)
+
+
 class Meter:
     """Runs tracker actions against Redis and AMI; feed it events and ticks."""
 
     def __init__(self, ledger: Ledger, *, prefix: str = "prepaid", warning_seconds: int = 60,
                  commands: Commands | None = None, warning_context: str = "prepaid-warning",
                  system_name: str = "", grace_seconds: int = 30,
-                 cdr_file: Path | None = None) -> None:
+                 cdr_file: Path | None = None, reporter: Reporter | None = None) -> None:
         self.ledger = ledger
         self.redis: RedisClient = ledger.redis
         self.prefix = prefix
         self.tracker = Tracker(warning_seconds=warning_seconds, grace_seconds=grace_seconds)
         self.commands: Commands = commands or Discard()
         self.cdr_file = CdrFile(cdr_file) if cdr_file else None
-        self.overdrawn = 0  # blocks a CDR reached that the credit no longer covered
         self.warning_context = warning_context
         self.system_name = system_name
         self.down = False
-        self.settled: list[Settlement] = []  # the last few, for tests and the benchmark
+        self.history = CallHistory(ledger, prefix)
+        self.reporter: Reporter = reporter or self.history
         self.errors = 0
-        self._log = self.redis.register_script(_LOG_LUA)
         self._lock = asyncio.Lock()
         self._handlers: dict[type[Any], Callable[[Any], Awaitable[list[Action]]]] = {
             Lookup: self._lookup, PayBlock: self._pay, ReleaseHold: self._release_hold,
             Finish: self._finish_call, Extend: self._extend, Cutoff: self._cutoff,
-            CheckCredit: self._check_credit, FindCdr: self._find_cdr, NoteCdr: self._note_cdr}
+            CheckCredit: self._check_credit, FindCdr: self._find_cdr, NoteCdr: self._note_cdr,
+            Report: self._report}
 
     # -- inputs ---------------------------------------------------------------------
     async def handle(self, msg: dict[str, str], received_us: int | None = None) -> None:
@@ -197,7 +201,7 @@ class Meter:
                 records, unlogged = await self._live_records()
                 for ref, account, fields in unlogged:  # settled before a crash, not logged
                     log.info("call %s: completing its settlement record", ref)
-                    await self._log_settled(ref, account, fields)
+                    await self.history.complete(ref, account, fields)
             except StoreUnavailable as exc:
                 self._outage(exc)
                 return 0
@@ -270,8 +274,31 @@ class Meter:
         self.tracker.released(action.ref)
         return []
 
-    async def _finish_call(self, action: Finish) -> list[Action]:
-        await self._settle(action)
+    async def _finish_call(self, f: Finish) -> list[Action]:
+        for block in f.charges:
+            try:
+                await self._pay_block(f.account, f.ref, block.n, block.amount, force=False)
+            except LedgerError as exc:
+                if exc.code != "NO_CREDIT":
+                    raise
+                await self._pay_block(f.account, f.ref, block.n, block.amount, force=True)
+                self.tracker.past_credit(f.ref, block.n)
+                log.warning("call %s: block %s (%s) charged past the credit: the CDR says "
+                            "%s s", f.ref, block.n, block.amount, f.duration)
+        for block in f.refunds:
+            log.debug("call %s: refunding block %s paid for time not reached", f.ref, block.n)
+            await self.ledger.credit(f.account, block.amount, key=f"rfd:{f.ref}:{block.n}",
+                                     ref=f"call {f.ref} block {block.n} not reached")
+        if f.release:
+            await self._release(f.ref, f.account)
+        return self.tracker.charged(f.ref)
+
+    async def _report(self, action: Report) -> list[Action]:
+        s = action.settlement
+        await self.reporter.settled(s)
+        self.tracker.finished(action.ref)
+        log.debug("call %s settled: %s s billed %s, cost %s", s.ref, s.duration, s.billed,
+                  s.cost)
         return []
 
     async def _cutoff(self, action: Cutoff) -> list[Action]:
@@ -373,63 +400,7 @@ class Meter:
                            Async="true", Variable=f"PREPAID_WARNING_FILE={WARNING_FILE}")
         return []
 
-    async def _settle(self, f: Finish) -> None:
-        rate = f.rate
-        blocks, duration, cutoff = f.blocks, f.duration, f.cutoff
-        for n in range(f.paid + 1, blocks + 1):
-            amount = block_cost(rate, n)
-            try:
-                await self._pay_block(f.account, f.ref, n, amount, force=False)
-            except LedgerError as exc:
-                if exc.code != "NO_CREDIT":
-                    raise
-                # Asterisk says the call reached this block: it is owed all the same.
-                await self._pay_block(f.account, f.ref, n, amount, force=True)
-                self.overdrawn += 1
-                cutoff = cutoff or n
-                log.warning("call %s: block %s (%s) charged past the credit: the CDR says "
-                            "%s s", f.ref, n, amount, duration)
-        for extra in range(blocks + 1, f.paid + 1):
-            amount = block_cost(rate, extra)
-            log.debug("call %s: refunding block %s paid for time not reached", f.ref, extra)
-            if amount > 0:
-                await self.ledger.credit(f.account, amount, key=f"rfd:{f.ref}:{extra}",
-                                         ref=f"call {f.ref} block {extra} not reached")
-        if blocks == 0:
-            await self._release(f.ref, f.account)
-        charged = sum(block_cost(rate, i) for i in range(1, blocks + 1))
-        if charged != cost(rate, duration):  # pragma: no cover - guarded by construction
-            log.error("call %s: charged %s but the rate says %s", f.ref, charged,
-                      cost(rate, duration))
-        s = Settlement(f.ref, f.account, f.number, rate.prefix, rate.name,
-                       None if f.answered_us is None else f.answered_us / US,
-                       None if f.ended_us is None else f.ended_us / US, duration,
-                       billed_seconds(rate, duration), charged, blocks, f.cause, f.source,
-                       cutoff)
-        stored = await callrecord.finish(self.redis, self.prefix, f.ref, json.dumps(s.fields()))
-        first = _settlement(stored) if stored is not None else None
-        await self._log_settled(f.ref, f.account, first or s.fields())  # the first finisher's
-        self.settled = (self.settled + [s])[-100:]
-        self.tracker.finished(f.ref)
-        log.debug("call %s settled: %s s billed %s, cost %s", f.ref, duration, s.billed,
-                  charged)
-
-    async def _log_settled(self, ref: str, account: str, fields: dict[str, str]) -> None:
-        """Steps 2 and 3 of a finished call (see _LOG_LUA): log it once, mark it ended."""
-        args = [x for kv in fields.items() for x in kv]
-        now = f"{time.time():.3f}"
-        await self._call(self._log(
-            keys=[calls_key(self.ledger, account), logged_key(self.ledger, account)],
-            args=[ref, now, str(HISTORY_MAX), *args]))
-        await callrecord.ended(self.redis, self.prefix, ref, now)
-
     # -- Redis health -----------------------------------------------------------------
-    async def _call(self, coro: object) -> object:
-        try:
-            return await coro  # type: ignore[misc]
-        except REDIS_ERRORS as exc:
-            raise StoreUnavailable(f"Redis is unavailable: {exc}") from exc
-
     def _outage(self, exc: Exception) -> None:
         if not self.down:
             log.warning("metering paused, Redis unavailable: %s; retrying every tick", exc)
@@ -480,6 +451,13 @@ def _settlement(raw: str) -> dict[str, str] | None:
         log.error("call record with an unusable settlement %.80r; not logged", raw)
         return None
     return {str(k): v for k, v in fields.items()}
+
+
+async def _call(coro: object) -> object:
+    try:
+        return await coro  # type: ignore[misc]
+    except REDIS_ERRORS as exc:
+        raise StoreUnavailable(f"Redis is unavailable: {exc}") from exc
 
 
 def _text(value: bytes | str) -> str:

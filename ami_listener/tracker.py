@@ -31,7 +31,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from ami_listener.protocol import timestamp_us
-from prepaid.rating import Rate, block_cost, blocks_for, covered_seconds
+from prepaid.rating import Rate, billed_seconds, block_cost, blocks_for, cost, covered_seconds
 
 log = logging.getLogger(__name__)
 
@@ -136,8 +136,21 @@ class Cutoff:
 
 
 @dataclass(frozen=True, slots=True)
+class Block:
+    n: int
+    amount: int
+
+
+@dataclass(frozen=True, slots=True)
 class Finish:
-    """The call is over: pay blocks up to ``blocks`` (refund any past it) and log it."""
+    """The call is over: settle it on the ledger, then report back (:meth:`Tracker.charged`).
+
+    ``charges`` are the blocks past the paid ones that the call reached: owed all the
+    same, so a block the credit no longer covers is charged past it (only a call that
+    outlived its paid time while the listener was away can do that: at most ``[ami]
+    grace_seconds`` of it) and reported (:meth:`Tracker.past_credit`).  ``refunds`` are
+    the blocks paid ahead for time the call never reached; ``release`` ends the hold of
+    a call that reached no block."""
 
     ref: str
     account: str
@@ -151,10 +164,51 @@ class Finish:
     cause: str
     source: str  # cdr | events | estimate
     cutoff: int  # block refused for want of credit, 0 if none
+    charges: tuple[Block, ...] = ()
+    refunds: tuple[Block, ...] = ()
+    release: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Settlement:
+    """What a finished call cost, as written to the account's call history."""
+
+    ref: str
+    account: str
+    number: str
+    prefix: str
+    rate_name: str
+    answered: float | None
+    ended: float | None
+    duration: int
+    billed: int
+    cost: int
+    blocks: int
+    cause: str
+    source: str
+    cutoff: int
+
+    def fields(self) -> dict[str, str]:
+        return {"ref": self.ref, "account": self.account, "number": self.number,
+                "prefix": self.prefix, "rate": self.rate_name,
+                "answered": "" if self.answered is None else f"{self.answered:.6f}",
+                "ended": "" if self.ended is None else f"{self.ended:.6f}",
+                "duration": str(self.duration), "billed": str(self.billed),
+                "cost": str(self.cost), "blocks": str(self.blocks), "cause": self.cause,
+                "source": self.source, "cutoff": str(self.cutoff)}
+
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    """The ledger is settled: hand the call's settlement to the reporter, then it is
+    finished (:meth:`Tracker.finished`)."""
+
+    ref: str
+    settlement: Settlement
 
 
 Action = (Lookup | PayBlock | ReleaseHold | CheckCredit | Extend | Cutoff | NoteCdr | FindCdr
-          | Finish)
+          | Finish | Report)
 
 
 @dataclass(slots=True)
@@ -183,6 +237,9 @@ class Call:
     cdr_looked: int = 0  # CDR file look-ups done
     confirmed: bool = True  # seen live since the last (re)connect
     trigger: str = ""  # what made us look the call up: dial | varset
+    finish: Finish | None = None  # the settlement under way
+    past_credit: list[int] = field(default_factory=list)  # blocks charged past the credit
+    settlement: Settlement | None = None  # the ledger is settled; to be reported
 
 
 @dataclass
@@ -199,6 +256,7 @@ class Tracker:
     done: OrderedDict[str, None] = field(default_factory=OrderedDict)
     listing: bool = False
     oddities: int = 0
+    overdrawn: int = 0  # blocks a CDR reached that the credit no longer covered
     wake: int = 0  # nothing falls due before this time (us): ticks before it are cheap
 
     # -- input: events ----------------------------------------------------------------
@@ -401,6 +459,21 @@ class Tracker:
             call.cdr_wait_until = self.now + US  # Asterisk may not have written it yet
         return self._advance(call)
 
+    def past_credit(self, ref: str, n: int) -> None:
+        """Block ``n`` of a finishing call was charged past the credit."""
+        call = self.calls.get(ref)
+        if call is not None and n not in call.past_credit:
+            call.past_credit.append(n)
+            self.overdrawn += 1
+
+    def charged(self, ref: str) -> list[Action]:
+        """The ledger carried out the call's :class:`Finish`: report its settlement."""
+        call = self.calls.get(ref)
+        if call is None or call.finish is None:
+            return []
+        call.settlement = _settlement(call.finish, call.past_credit)
+        return [Report(ref, call.settlement)]  # busy still: the report is this action's end
+
     def finished(self, ref: str) -> None:
         self.calls.pop(ref, None)
         self.negative.pop(ref, None)
@@ -503,6 +576,9 @@ class Tracker:
 
     def _ending(self, call: Call, info: CallInfo) -> list[Action]:
         """An ended call: wait for its CDR (the event, else the file), then settle."""
+        if call.settlement is not None:
+            call.busy = True
+            return [Report(call.ref, call.settlement)]
         if not call.cdr_final and call.cdr_looked < CDR_LOOKS and (
                 call.answered_us is not None or call.ended_us is None):
             if call.cdr_wait_until is None:
@@ -518,7 +594,8 @@ class Tracker:
             call.busy = True
             return [FindCdr(call.ref)]
         call.busy = True
-        return [self._finish(call, info)]
+        call.finish = self._finish(call, info)
+        return [call.finish]
 
     def _finish(self, call: Call, info: CallInfo) -> Finish:
         rate = info.rate
@@ -541,8 +618,29 @@ class Tracker:
             # Our own clock runs late; the call ended where its paid time did.
             blocks = call.refused - 1
             duration = min(duration, covered_seconds(rate, blocks))
+        # Every block the call reached past those paid is owed; those paid ahead for time
+        # it never reached are given back; no block at all ends the hold.
+        charges = tuple(Block(n, block_cost(rate, n)) for n in range(call.paid + 1, blocks + 1))
+        refunds = tuple(Block(n, block_cost(rate, n)) for n in range(blocks + 1, call.paid + 1)
+                        if block_cost(rate, n) > 0)
         return Finish(call.ref, info.account, info.number, rate, duration, blocks, call.paid,
-                      call.answered_us, call.ended_us, call.cause, source, call.refused)
+                      call.answered_us, call.ended_us, call.cause, source, call.refused,
+                      charges, refunds, blocks == 0)
+
+
+def _settlement(f: Finish, past_credit: list[int]) -> Settlement:
+    """The call's settlement once its ledger changes are done: a block charged past the
+    credit is where it would have been cut off."""
+    rate = f.rate
+    charged = sum(block_cost(rate, i) for i in range(1, f.blocks + 1))
+    if charged != cost(rate, f.duration):  # pragma: no cover - guarded by construction
+        log.error("call %s: charged %s but the rate says %s", f.ref, charged,
+                  cost(rate, f.duration))
+    return Settlement(f.ref, f.account, f.number, rate.prefix, rate.name,
+                      None if f.answered_us is None else f.answered_us / US,
+                      None if f.ended_us is None else f.ended_us / US, f.duration,
+                      billed_seconds(rate, f.duration), charged, f.blocks, f.cause, f.source,
+                      f.cutoff or (past_credit[0] if past_credit else 0))
 
 
 # -- dispatch -----------------------------------------------------------------------------

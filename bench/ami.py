@@ -13,12 +13,12 @@ import re
 import time
 from typing import Any
 
-from ami_listener.meter import Meter
 from ami_listener.protocol import split
 from ami_listener.runners import replay
+from ami_listener.tracker import US
 from prepaid.ledger import Ledger, connect
 from prepaid.rating import Rate
-from testbed.ami_peer import FIXTURES, authorize, load, open_account
+from testbed.ami_peer import FIXTURES, authorize, load, open_account, recording_meter
 from testbed.servers import RedisServer
 
 SHARED = FIXTURES / "shared"
@@ -49,7 +49,8 @@ async def _bench(rounds: int) -> dict[str, Any]:
             uids = sorted({m["Uniqueid"] for m in rec.messages if m.get("Uniqueid")},
                           key=len, reverse=True)
             recordings.append((rec, path.read_bytes(), uids))
-        meter = Meter(ledger)
+        # The call history written as in production, each settlement recorded as well.
+        meter, recorder = recording_meter(ledger)
         events = calls = 0
         elapsed = 0.0
         for run in range(rounds):
@@ -63,7 +64,14 @@ async def _bench(rounds: int) -> dict[str, Any]:
                 events += await replay(meter, split(raw))
             elapsed += time.perf_counter() - started
             calls += len(batch)
+        # The last round's calls still wait for their Cdr events (3 s): let them give up.
+        await meter.tick(meter.tracker.now + 60 * US)
         assert meter.errors == 0, "metering errors during the benchmark"
+        # Every call whose recording ends it is settled (ringing-caller-abandons stops
+        # while it still rings).
+        ending = sum(any(m.get("Event") == "Hangup" and m.get("Uniqueid") == rec.ref
+                         for m in rec.messages) for rec, _, _ in recordings)
+        assert len(recorder.settlements) == ending * rounds, "calls left unsettled"
         per_call = events / calls
         return {"events": events, "calls": calls, "events_per_call": round(per_call, 1),
                 "events_per_second": round(events / elapsed),

@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ami_listener.meter import Meter
+from ami_listener.meter import CallHistory, Meter, Reporter
 from ami_listener.protocol import Message, MessageSplitter, encode, split, timestamp_us
 from ami_listener.runners import LiveRunner
+from ami_listener.tracker import Settlement
 from prepaid import callrecord
 from prepaid.callrecord import CallRecord, hold_id
 from prepaid.config import AmiSettings
@@ -258,6 +259,26 @@ class Sent:
 
     def named(self, name: str) -> list[dict[str, str]]:
         return [h for n, h in self.actions if n == name]
+
+
+class Recorder:
+    """The reporter of tests and benchmarks: keeps every settlement, after passing it on to
+    ``then`` (the call history, so Redis is as in production) unless that is None."""
+
+    def __init__(self, then: Reporter | None = None) -> None:
+        self.then = then
+        self.settlements: list[Settlement] = []
+
+    async def settled(self, settlement: Settlement) -> None:
+        if self.then is not None:
+            await self.then.settled(settlement)
+        self.settlements.append(settlement)
+
+
+def recording_meter(ledger: Ledger, **options: Any) -> tuple[Meter, Recorder]:
+    """A meter whose settlements go to the call history and to a recorder."""
+    recorder = Recorder(CallHistory(ledger, options.get("prefix", "prepaid")))
+    return Meter(ledger, reporter=recorder, **options), recorder
 
 
 class Listener:

@@ -10,7 +10,16 @@ from ami_listener.tracker import US
 from prepaid.callrecord import record_key
 from prepaid.ledger import Ledger
 from prepaid.rating import Rate, block_cost, cost
-from testbed.ami_peer import FIXTURES, PER_SECOND, RECORDINGS, Sent, authorize, load, open_account
+from testbed.ami_peer import (
+    FIXTURES,
+    PER_SECOND,
+    RECORDINGS,
+    Sent,
+    authorize,
+    load,
+    open_account,
+    recording_meter,
+)
 
 SHARED = FIXTURES / "shared"
 
@@ -92,7 +101,7 @@ async def test_cut_off_when_the_next_block_cannot_be_paid(ledger: Ledger) -> Non
     await open_account(ledger, 70_000)
     await authorize(ledger, rec.ref, rec.channel, rec.number, PER_SECOND)
     sent = Sent()
-    meter = Meter(ledger, commands=sent)
+    meter, recorder = recording_meter(ledger, commands=sent)
     await replay(meter, rec.messages)
     # Block 3 is refused ahead of its start: the hard limit becomes the paid 2 s (+0.5 s, as
     # billsec truncates), and a hang-up backs it up once the call outlives it.
@@ -104,9 +113,9 @@ async def test_cut_off_when_the_next_block_cannot_be_paid(ledger: Ledger) -> Non
     # and the CDR is what is owed, below zero.
     assert account.balance == 70_000 - cost(PER_SECOND, 4)
     assert account.held == 0
-    logged = meter.settled[-1]
+    [logged] = recorder.settlements
     assert logged.cutoff == 3 and logged.blocks == 4 and logged.cost == cost(PER_SECOND, 4)
-    assert meter.overdrawn == 2
+    assert meter.tracker.overdrawn == 2
 
 
 async def test_top_up_during_the_call_lets_it_go_on(ledger: Ledger) -> None:

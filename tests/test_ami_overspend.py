@@ -14,11 +14,10 @@ import itertools
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ami_listener.meter import Meter
 from ami_listener.tracker import US
 from prepaid.ledger import Ledger, connect
 from prepaid.rating import Rate, block_cost, cost
-from testbed.ami_peer import authorize, open_account
+from testbed.ami_peer import authorize, open_account, recording_meter
 
 T0 = 1_800_000_000 * US
 GRACE = 30  # [ami] grace_seconds, the Meter's default
@@ -65,7 +64,7 @@ async def scenario(url: str, rate_a: Rate, rate_b: Rate, balance: int,
     account = f"acct{run}"
     await open_account(ledger, balance, account)
     ast = Asterisk()
-    meter = Meter(ledger, commands=ast, warning_seconds=0)
+    meter, recorder = recording_meter(ledger, commands=ast, warning_seconds=0)
     rates = [rate_a, rate_b]
     refs = [f"{run}.1", f"{run}.2"]
     state = ["new", "new"]  # new -> dialing -> up -> down
@@ -127,9 +126,9 @@ async def scenario(url: str, rate_a: Rate, rate_b: Rate, balance: int,
                 await hang(i, now)
         acct = await ledger.get(account)
         assert acct.held == 0 and await ledger.holds(account) == {}
-        charged = sum(s.cost for s in meter.settled)
+        charged = sum(s.cost for s in recorder.settlements)
         assert balance + topups - acct.balance == charged
-        for s in meter.settled:
+        for s in recorder.settlements:
             rate = rates[refs.index(s.ref)]
             assert s.cost == cost(rate, s.duration)
         # Ticks up to 90 s apart are a listener away that long: a call it can no longer cut
@@ -138,7 +137,7 @@ async def scenario(url: str, rate_a: Rate, rate_b: Rate, balance: int,
                     for r in rates)
         assert acct.balance >= -worst
         if acct.balance < 0:
-            assert any(s.cutoff for s in meter.settled)
+            assert any(s.cutoff for s in recorder.settlements)
         assert meter.errors == 0
     finally:
         await client.aclose()

@@ -33,6 +33,7 @@ from testbed.ami_peer import (
     authorize,
     load,
     open_account,
+    recording_meter,
     wait_until,
 )
 from testbed.servers import RedisServer
@@ -465,7 +466,7 @@ async def test_cutoff_is_decided_before_the_recorded_hangup(ledger: Ledger) -> N
     [c] = sc.calls
     await prepare(ledger, sc)
     sent = Sent()
-    meter = Meter(ledger, commands=sent)
+    meter, recorder = recording_meter(ledger, commands=sent)
     events = sc.events
     hangup_at = next(i for i, m in enumerate(events)
                      if m.get("Event") == "Hangup" and m.get("Uniqueid") == c.ref)
@@ -484,6 +485,6 @@ async def test_cutoff_is_decided_before_the_recorded_hangup(ledger: Ledger) -> N
     [limit] = [h for h in sent.named("Setvar") if float(h["Value"]) < 15]
     ends = when + round(float(limit["Value"]) * US)
     assert abs(ends - (start + 3_500_000)) < 1_000  # to the millisecond
-    settled = meter.settled[-1]
+    [settled] = recorder.settlements
     assert (settled.cutoff, settled.blocks, settled.cost) == (4, 3, cost(c.rate, 3))
     assert (await ledger.get(c.account)).balance == 0

@@ -10,6 +10,7 @@ from ami_listener.protocol import Message, MessageSplitter, ProtocolError, actio
 from ami_listener.protocol import timestamp_us as ts
 from ami_listener.tracker import (
     US,
+    Block,
     CallInfo,
     Cutoff,
     Extend,
@@ -18,10 +19,11 @@ from ami_listener.tracker import (
     Lookup,
     PayBlock,
     ReleaseHold,
+    Report,
     Tracker,
 )
 from prepaid.errors import InputError
-from prepaid.rating import block_cost
+from prepaid.rating import block_cost, cost
 from testbed.ami_peer import FIXTURES, PER_SECOND, RECORDINGS, load
 
 SHARED = FIXTURES / "shared"
@@ -50,6 +52,8 @@ def run(tracker: Tracker, msgs: list[Message], info: CallInfo,
             elif isinstance(act, FindCdr):
                 pending += tracker.cdr_found(act.ref, (cdr_file or {}).get(act.ref))
             elif isinstance(act, Finish):
+                pending += tracker.charged(act.ref)
+            elif isinstance(act, Report):
                 tracker.finished(act.ref)
     return out
 
@@ -90,6 +94,10 @@ def test_answered_call_pays_block_by_block_and_finishes_exactly() -> None:
     # The Cdr event says billsec 4: 4 blocks are billed, the 3 paid ahead are given back.
     assert (fin.duration, fin.blocks, fin.paid, fin.source) == (4, 4, 7, "cdr")
     assert fin.ended_us == 1795315335162921 and fin.cause == "Normal Clearing"
+    assert fin.charges == () and not fin.release
+    assert fin.refunds == tuple(Block(n, block_cost(PER_SECOND, n)) for n in (5, 6, 7))
+    [report] = [a for a in out if isinstance(a, Report)]
+    assert (report.settlement.blocks, report.settlement.cost) == (4, cost(PER_SECOND, 4))
     # The hard limit follows the paid time, plus the grace should the listener die.
     limits = [a for a in out if isinstance(a, Extend)]
     assert limits and not any(a.exact for a in limits)
@@ -162,6 +170,8 @@ def tick_through(tracker: Tracker, start: int, span: int,
             if isinstance(act, FindCdr):
                 pending += tracker.cdr_found(act.ref, cdr_file.get(act.ref))
             elif isinstance(act, Finish):
+                pending += tracker.charged(act.ref)
+            elif isinstance(act, Report):
                 tracker.finished(act.ref)
     return out
 
@@ -170,9 +180,10 @@ def test_busy_call_releases_at_once_and_costs_nothing() -> None:
     msgs, info, ref = info_for("busy")
     out = run(Tracker(), msgs, info)
     kinds = [type(a).__name__ for a in out]
-    assert kinds == ["Lookup", "ReleaseHold", "Finish"]
-    fin = out[-1]
+    assert kinds == ["Lookup", "ReleaseHold", "Finish", "Report"]
+    fin = out[-2]
     assert isinstance(fin, Finish) and (fin.duration, fin.blocks) == (0, 0)
+    assert (fin.charges, fin.refunds, fin.release) == ((), (), True)
 
 
 def test_other_channels_of_the_call_are_not_billed() -> None:
@@ -253,3 +264,34 @@ def test_every_recording_from_every_starting_point(path) -> None:
         assert len(fins) <= 1
         pays = [a.n for a in out if isinstance(a, PayBlock)]
         assert pays == sorted(set(pays))
+
+
+def test_blocks_the_cdr_reached_are_owed_and_past_the_credit_mark_the_cutoff() -> None:
+    """The settlement is decided here: a call resumed with 3 blocks paid whose CDR says
+    9 s owes blocks 4 to 9; those the ledger had to charge past the credit (the meter
+    says which) make the first of them the cut-off, counted as overdrawn."""
+    msgs, info, ref = info_for("answered-caller-hangs-up")
+    answered = CallInfo(info.account, info.number, info.rate, info.hold, info.channel,
+                        answered_us=1795315331157716, blocks_paid=3)
+    tracker = Tracker()
+    tracker.begin_listing()
+    tracker.attach(ref, answered, resumed=True)
+    tracker.feed(Message({"Event": "CoreShowChannelsComplete"}), 1795315345000000)
+    tracker.tick(1795315345000000 + 3 * US)
+    [fin] = tracker.cdr_found(ref, 9)
+    assert isinstance(fin, Finish)
+    assert fin.charges == tuple(Block(n, block_cost(PER_SECOND, n)) for n in range(4, 10))
+    assert (fin.refunds, fin.release, fin.cutoff) == ((), False, 0)
+    tracker.past_credit(ref, 8)
+    tracker.past_credit(ref, 9)
+    assert tracker.tick(1795315360000000) == []  # the settlement is under way
+    [report] = tracker.charged(ref)
+    assert isinstance(report, Report) and report.ref == ref
+    s = report.settlement
+    assert (s.cutoff, s.blocks, s.duration, s.cost, s.source) == (
+        8, 9, 9, cost(PER_SECOND, 9), "cdr")
+    assert tracker.overdrawn == 2
+    tracker.failed(ref)  # the reporter could not write it: reported again, unchanged
+    assert tracker.tick(1795315361000000) == [report]
+    tracker.finished(ref)
+    assert tracker.calls == {} and tracker.tick(1795315362000000) == []
