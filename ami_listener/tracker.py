@@ -4,9 +4,11 @@ A prepaid call is known by its reference, the ``Uniqueid`` of the authorized cal
 (``PREPAID_CALLREF``).  The tracker asks for that call's live record (:class:`Lookup`) when
 the channel starts a ``Dial`` or sets ``PREPAID_CALLREF``, learns when it is answered
 (``DialEnd`` ANSWER or ``BridgeEnter``) and hung up (``Hangup``), and says which block to
-pay when (:class:`PayBlock`), when to warn or cut off, and how to settle at the end
-(:class:`Finish`).  The I/O layer reports each result back (``attach``, ``paid``,
-``refused``, ``failed``, ``finished``), so nothing is done twice and nothing is lost when
+pay when (:class:`PayBlock`), when to warn or cut off, and how to settle at the end:
+which blocks to charge, refund or release (:class:`Finish`), then what the call cost
+(:class:`Report` of a :class:`Settlement`).  The I/O layer only carries the actions out
+and reports each result back (``attach``, ``paid``, ``refused``, ``past_credit``,
+``charged``, ``failed``, ``finished``), so nothing is done twice and nothing is lost when
 Redis or the AMI link is away: whatever is still owed is asked for again on the next tick.
 
 Time comes from the events (their ``Timestamp`` header with ``timestampevents = yes``, else
