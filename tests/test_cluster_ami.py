@@ -62,7 +62,8 @@ async def test_a_settlement_cut_short_is_completed_after_a_restart(
     dying = Meter(ledger)
     with monkeypatch.context() as patch:
         # Dies before logging the call / before marking it ended.
-        patch.setattr(*((dying, "_log") if step == "_log" else (callrecord, "ended")), crash)
+        target = (dying.history, "_log") if step == "_log" else (callrecord, "ended")
+        patch.setattr(*target, crash)
         with pytest.raises(Crash):
             await replay(dying, rec.messages)
     charged = START - cost(PER_SECOND, 3)
