@@ -167,9 +167,10 @@ async def test_a_free_destination_is_metered_and_bills_zero(ledger: Ledger) -> N
     await open_account(ledger, START)
     await authorize(ledger, rec.ref, rec.channel, rec.number, free)
     assert await ledger.holds("alice") == {f"call:{rec.ref}": 0}
-    meter = Meter(ledger)
+    meter, recorder = recording_meter(ledger)
     await replay(meter, rec.messages)
     account = await ledger.get("alice")
     assert (account.balance, account.held) == (START, 0)
     assert await ledger.holds("alice") == {} and meter.errors == 0
-    assert meter.settled[-1].cost == 0
+    [settled] = recorder.settlements
+    assert settled.cost == 0
