@@ -31,7 +31,14 @@ from agi.speech import balance_speech
 from prepaid import callrecord, metrics
 from prepaid.callrecord import WARNING_FILE
 from prepaid.config import Settings
-from prepaid.errors import InputError, LedgerError, RateError, StoreUnavailable, UnknownAccount
+from prepaid.errors import (
+    InputError,
+    LedgerError,
+    NoRateDeck,
+    RateError,
+    StoreUnavailable,
+    UnknownAccount,
+)
 from prepaid.health import MeteringGate
 from prepaid.ledger import check_account_id
 from prepaid.outage import OutageLog
@@ -118,11 +125,12 @@ async def _store_phase(store: Store, account_id: str, number: str, ref: str, pol
         account = await store.ledger.get(account_id)
     except (InputError, UnknownAccount):
         return deny(Reason.UNKNOWN_ACCOUNT, policy)
-    deck = await store.rates.current()
     norm = store.settings.billing.normalisation
     try:
-        rate = deck.lookup(number, norm)
+        rate = await store.rates.lookup(number, norm)  # one round trip, any deck size
         digits = norm.normalise(number)
+    except NoRateDeck:
+        raise
     except RateError as exc:
         log.info("call %s from %s: %s", ref, account_id, exc)
         return deny(Reason.NO_RATE, policy)

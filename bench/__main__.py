@@ -11,13 +11,14 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from bench import agi, ami, ami_client, e2e, ledger, policy, scale, sip_ramp
+from bench import agi, ami, ami_client, deck, e2e, ledger, policy, scale, sip_ramp
 from bench.common import save
 
 # Each run() returns a dict of figures.
 BENCHMARKS: dict[str, Callable[[], dict[str, Any]]] = {
     "ledger": ledger.run, "agi": agi.run, "ami": ami.run, "ami_client": ami_client.run,
-    "policy": policy.run, "e2e": e2e.run, "scale": scale.run, "sip_ramp": sip_ramp.run}
+    "policy": policy.run, "e2e": e2e.run, "scale": scale.run, "sip_ramp": sip_ramp.run,
+    "deck": deck.run}
 
 
 def main(argv: list[str]) -> int:

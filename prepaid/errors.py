@@ -19,6 +19,10 @@ class RateError(InputError):
     """A rate deck row is malformed, or a number has no rate."""
 
 
+class NoRateDeck(RateError):
+    """No rate deck has been imported: a fault of the installation, not of the number."""
+
+
 class LedgerError(PrepaidError):
     """A ledger operation was refused; ``code`` says why (NO_CREDIT, NO_ACCOUNT, ...)."""
 

@@ -3,16 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import csv
 import json
 import sys
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TextIO, TypeVar
 
 import click
 from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    Progress,
+    TaskProgressColumn,
+    TextColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 from agi.commands import sounds
@@ -21,11 +29,11 @@ from policy.commands import card_group, manual_topup, policy_cmd
 from prepaid import config as config_mod
 from prepaid import health
 from prepaid.config import Settings
-from prepaid.errors import InputError, PrepaidError
+from prepaid.errors import InputError, PrepaidError, RateError
 from prepaid.inputs import check_email, check_reference
 from prepaid.ledger import Account, Change, Entry, account_json, check_account_id
 from prepaid.money import check_currency, format_amount, parse_amount
-from prepaid.ratedeck import RateDeck, load_csv
+from prepaid.ratedeck import CSV_COLUMNS, iter_csv, load_csv, rate_row, read_lines
 from prepaid.rating import Rate, billed_seconds, cost
 from prepaid.store import Store, open_store
 from shell.serve import serve_forever
@@ -287,15 +295,81 @@ def rates() -> None:
 
 @rates.command("import")
 @click.argument("file", required=False, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--dry-run", is_flag=True,
+              help="Check FILE and show what would change; import nothing.")
+@json_option
 @pass_ctx
-def rates_import(obj: Context, file: Path | None) -> None:
-    """Replace the active rate deck with FILE (default: [billing] rates). All or nothing."""
+def rates_import(obj: Context, file: Path | None, dry_run: bool, as_json: bool) -> None:
+    """Replace the active rate deck with FILE (default: [billing] rates). All or nothing.
+
+    The file is streamed (memory does not grow with it) into a new deck version, which
+    replaces the active one in one step once every row is good."""
     path = file or obj.settings.billing.rates
     if path is None:
         raise click.UsageError("give FILE or set [billing] rates in the config")
-    deck = load_csv(path)
-    version = obj.run(lambda st: st.rates.replace(deck))
-    click.echo(f"imported {len(deck)} rates from {path} (deck version {version})")
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise RateError(f"{path}: cannot read rate deck: {exc.strerror}") from None
+    err = Console(stderr=True)
+    with Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(),
+                  TextColumn("{task.fields[rows]} rows"), TimeRemainingColumn(),
+                  console=err, transient=True, disable=not err.is_terminal) as bar:
+        task = bar.add_task(f"reading {path.name}", total=size or 1, rows=0)
+        rows = iter_csv(read_lines(path, lambda n: bar.advance(task, n)), str(path))
+        report = obj.run(lambda st: st.rates.load(
+            rows, dry_run=dry_run, progress=lambda n: bar.update(task, rows=n)))
+    if as_json:
+        _emit({"file": str(path), "dry_run": dry_run, "version": report.version or None,
+               "rates": report.rows, "added": report.added, "changed": report.changed,
+               "removed": report.removed, "unchanged": report.unchanged,
+               "examples": report.examples})
+        return
+    counts = (f"{report.added} added, {report.changed} changed, {report.removed} removed, "
+              f"{report.unchanged} unchanged")
+    if not dry_run:
+        click.echo(f"imported {report.rows} rates from {path} (deck version {report.version}):"
+                   f" {counts}")
+        return
+    click.echo(f"dry run: {path} holds {report.rows} good rates; importing it: {counts}; "
+               "nothing imported")
+    for kind, examples in report.examples.items():
+        for example in examples:
+            click.echo(f"  {kind:<8} {example}")
+
+
+@rates.command("export")
+@click.argument("file", required=False, type=click.Path(dir_okay=False, path_type=Path))
+@pass_ctx
+def rates_export(obj: Context, file: Path | None) -> None:
+    """Write the active deck as CSV to FILE (default: standard output).
+
+    The CSV is the import format: 'prepaid rates import' reads it back unchanged. Rows come
+    in no particular order; a file is written whole or not at all."""
+    async def body(st: Store, out: TextIO) -> int:
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(CSV_COLUMNS)
+        n = 0
+        async for rate in st.rates.scan():
+            writer.writerow(rate_row(rate))
+            n += 1
+        return n
+
+    if file is None or str(file) == "-":
+        obj.run(lambda st: body(st, sys.stdout))
+        return
+    part = file.with_name(f".{file.name}.part")
+    try:
+        with part.open("w", encoding="utf-8", newline="") as out:
+            n = obj.run(lambda st: body(st, out))
+        part.replace(file)
+    except OSError as exc:
+        part.unlink(missing_ok=True)
+        raise RateError(f"{file}: cannot write: {exc.strerror}") from None
+    except BaseException:
+        part.unlink(missing_ok=True)
+        raise
+    click.echo(f"exported {n} rates to {file}", err=True)
 
 
 def _rate_json(rate: Rate) -> dict[str, Any]:
@@ -315,8 +389,9 @@ def _rate_json(rate: Rate) -> dict[str, Any]:
 def rates_lookup(obj: Context, number: str, file: Path | None, as_json: bool) -> None:
     """Show the rate NUMBER matches and what calls to it cost."""
     s = obj.settings
-    deck: RateDeck = load_csv(file) if file else obj.run(lambda st: st.rates.current())
-    rate = deck.lookup(number, s.billing.normalisation)
+    norm = s.billing.normalisation
+    rate = (load_csv(file).lookup(number, norm) if file
+            else obj.run(lambda st: st.rates.lookup(number, norm)))
     costs = [(d, billed_seconds(rate, d), cost(rate, d)) for d in LOOKUP_DURATIONS]
     if as_json:
         _emit({"number": number, "normalised": s.billing.normalisation.normalise(number),
