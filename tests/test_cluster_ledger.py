@@ -16,7 +16,7 @@ from redis.crc import key_slot
 
 from prepaid.errors import InputError, StoreUnavailable
 from prepaid.ledger import Ledger, connect
-from prepaid.ratedeck import parse_csv
+from prepaid.ratedeck import Normalisation, parse_csv
 from prepaid.ratestore import RateStore
 from testbed.cluster import Cluster
 from tests import test_ledger as single_redis
@@ -129,7 +129,10 @@ async def test_rate_deck_swaps_atomically_on_the_cluster(cluster_url: str) -> No
     await client.script_flush()  # NOSCRIPT on the next swap is recovered from
     assert await store.replace(two) == 2
     assert len(await reader.current()) == 2
-    assert [k async for k in client.scan_iter("prepaid:{rates}:staging:*")] == []
+    # The replaced version is deleted; only the active deck's hash is left.
+    assert [k async for k in client.scan_iter("prepaid:{rates}:deck*")] == [
+        b"prepaid:{rates}:deck:2"]
+    assert (await reader.lookup("3312", Normalisation())).name == "France"
     await client.aclose()
 
 
