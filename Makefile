@@ -12,7 +12,7 @@ test: setup
 
 lint: setup
 	$(VENV)/bin/ruff check prepaid agi ami_listener policy shell tests bench testbed
-	$(VENV)/bin/mypy prepaid agi ami_listener policy shell testbed
+	$(VENV)/bin/mypy prepaid agi ami_listener policy shell testbed tests bench
 
 bench: setup
 	$(PY) -m bench

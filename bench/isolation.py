@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +65,11 @@ def _recordings() -> list[tuple[bytes, list[bytes]]]:
     return out
 
 
+def _later(seconds: int, stamp: re.Match[bytes]) -> bytes:
+    """A recorded ``Timestamp:`` moved ``seconds`` on."""
+    return b"Timestamp: %d." % (int(stamp.group(1)) + seconds)
+
+
 async def _flood(peer: AmiPeer, rounds_per_second: float) -> None:
     """Recorded traffic, renamed each round, at a fixed rate (each round is every
     recording once: one call of each kind), forever."""
@@ -79,7 +85,7 @@ async def _flood(peer: AmiPeer, rounds_per_second: float) -> None:
         for raw, uids in recordings:
             for uid in uids:
                 raw = raw.replace(uid + b"\r\n", uid + b"%06d\r\n" % n)
-            raw = _STAMP.sub(lambda m, n=n: b"Timestamp: %d." % (int(m.group(1)) + 60 * n), raw)
+            raw = _STAMP.sub(partial(_later, 60 * n), raw)
             writer.write(raw)
         with contextlib.suppress(ConnectionError, OSError):
             await writer.drain()

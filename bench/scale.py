@@ -44,6 +44,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,7 @@ from prepaid.rating import cost
 from testbed.ami import Ami, Message
 from testbed.cluster import Cluster, ClusterUnsupported
 from testbed.pbx import Pbx, free_port, pbx_unavailable_reason, project_ami_user
+from testbed.replies import entries
 
 SERVERS = ("pbx-a", "pbx-b")
 CALLS = 60  # in all, half on each server
@@ -106,11 +108,11 @@ class Events:
                     fut.set_result(uid)
             waiting = self._waiters.get(uid, [])
             for item in list(waiting):
-                match, fut = item
+                match, got = item
                 if match(msg):
                     waiting.remove(item)
-                    if not fut.done():
-                        fut.set_result(msg)
+                    if not got.done():
+                        got.set_result(msg)
 
     async def uid(self, tag: str, within: float) -> str:
         if tag in self.uid_of_tag:
@@ -226,13 +228,16 @@ class Rig:
         self.cluster.cleanup()
 
 
+RETRIED: tuple[type[Exception], ...] = (StoreUnavailable, *REDIS_ERRORS)
+
+
 async def retry(what: str, op: Callable[[], Any], within: float = 30.0) -> Any:
     """The bench's own Redis reads ride out the failover: retry while the store is down."""
     deadline = time.monotonic() + within
     while True:
         try:
             return await op()
-        except (StoreUnavailable, *REDIS_ERRORS):
+        except RETRIED:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{what}: Redis unavailable for {within} s") from None
             await asyncio.sleep(0.05)  # back-off between retries
@@ -395,19 +400,18 @@ async def _run(rig: Rig) -> dict[str, Any]:
     completed: list[CallResult] = []
     history: dict[str, list[dict[str, str]]] = {}
     for acct in [*accounts, "probe"]:
-        raw = await retry("history", lambda a=acct: client.xrange(ledger.keys(a)[2]))
-        history[acct] = [{k.decode(): v.decode() for k, v in f.items()} for _, f in raw]
-        bal = (await retry("account", lambda a=acct: ledger.get(a))).balance
+        raw = await retry("history", partial(client.xrange, ledger.keys(acct)[2]))
+        history[acct] = [f for _, f in entries(raw)]
+        bal = (await retry("account", partial(ledger.get, acct))).balance
         if sum(int(r["amount"]) for r in history[acct]) != bal:
             raise RuntimeError(f"{acct}: history does not sum to the balance")
-        keys = [r["key"] for r in history[acct]]
-        if len(keys) != len(set(keys)):
+        entry_keys = [r["key"] for r in history[acct]]
+        if len(entry_keys) != len(set(entry_keys)):
             raise RuntimeError(f"{acct}: an idempotency key was applied twice")
     calls_logged: dict[str, list[dict[str, str]]] = {}
     for acct in accounts:
-        raw = await retry("calls", lambda a=acct: client.xrange(
-            f"{ledger.account_key(a)}:calls"))
-        calls_logged[acct] = [{k.decode(): v.decode() for k, v in f.items()} for _, f in raw]
+        raw = await retry("calls", partial(client.xrange, f"{ledger.account_key(acct)}:calls"))
+        calls_logged[acct] = [f for _, f in entries(raw)]
     for res in results:
         if res.status != "ALLOWED" or res.error:
             continue
@@ -438,7 +442,7 @@ async def _run(rig: Rig) -> dict[str, Any]:
                                              or r.auth_span[0] > probe.healthy_wall)]
     held = 0
     for acct in accounts:
-        held += (await retry("account", lambda a=acct: ledger.get(a))).held
+        held += (await retry("account", partial(ledger.get, acct))).held
     server_ms: list[float] = []
     for server in rig.servers:
         for m in AGI_LOG.finditer(server.log.read_text(errors="replace")):

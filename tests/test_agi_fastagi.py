@@ -7,6 +7,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
@@ -24,6 +25,7 @@ from testbed.agi_peer import (
     agi_env,
     variable_commands,
 )
+from testbed.replies import fields
 from testbed.servers import RedisServer
 
 EUR = 1_000_000
@@ -34,7 +36,7 @@ DECK = """prefix,name,price_per_minute,connect_fee,initial_increment,increment
 GET_ACCOUNT = "GET VARIABLE PREPAID_ACCOUNT"  # the balance route
 
 
-def make_settings(redis_url: str, **agi: object) -> Settings:
+def make_settings(redis_url: str, **agi: Any) -> Settings:  # AgiSettings fields, any type
     base = config.parse({"redis": {"url": redis_url, "timeout": 0.5}}, "<test>", env={})
     # No metering listener runs here: a missing heartbeat counts only after an hour, so
     # these tests see authorization alone (tests/test_agi_metering.py tests the gate).
@@ -77,14 +79,13 @@ async def test_enough_credit_sets_the_contract_variables_and_reserves_block_one(
     assert await store.ledger.holds("1001") == {"call:1700000000.1": 160_000}
     acct = await store.ledger.get("1001")
     assert (acct.balance, acct.held) == (EUR, 160_000)
-    record = await store.redis.hgetall("prepaid:callref:1700000000.1")
-    fields = {k.decode(): v.decode() for k, v in record.items()}
-    assert fields["account"] == "1001" and fields["number"] == "00491701234567"
-    assert fields["digits"] == "491701234567" and fields["hold"] == "160000"
-    assert fields["max_seconds"] == "900" and fields["state"] == "authorized"
-    assert fields["channel"] == "PJSIP/1001-00000001" and fields["uniqueid"] == "1700000000.1"
-    assert fields["linkedid"] == "1700000000.1"
-    assert '"per_minute": 60000' in fields["rate"]
+    record = fields(await store.redis.hgetall("prepaid:callref:1700000000.1"))
+    assert record["account"] == "1001" and record["number"] == "00491701234567"
+    assert record["digits"] == "491701234567" and record["hold"] == "160000"
+    assert record["max_seconds"] == "900" and record["state"] == "authorized"
+    assert record["channel"] == "PJSIP/1001-00000001" and record["uniqueid"] == "1700000000.1"
+    assert record["linkedid"] == "1700000000.1"
+    assert '"per_minute": 60000' in record["rate"]
     ttl = await store.redis.ttl("prepaid:callref:1700000000.1")
     assert 900 + 3600 - 5 <= ttl <= 900 + 3600
 

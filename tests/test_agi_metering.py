@@ -22,6 +22,7 @@ from prepaid.ledger import RedisClient, connect
 from prepaid.ratedeck import parse_csv
 from prepaid.store import Store
 from testbed.agi_peer import DENY_TAIL, GET_CALLER, AgiPeer, agi_env, variable_commands
+from testbed.replies import fields
 from tests.test_agi_fastagi import DECK, EUR, account, make_settings, start
 
 NUMBER = "00491701234567"
@@ -210,11 +211,11 @@ async def test_heartbeat_hash_ttl_and_redis_clock(redis_url: str) -> None:
     redis = connect(redis_url)
     try:
         await beat(redis, PREFIX, "pbx-a", state="behind", backlog=7, ttl=10.0)
-        raw = await redis.hgetall("prepaid:meter:pbx-a")
-        assert {k.decode() for k in raw} == {"state", "backlog", "at"}
+        raw = fields(await redis.hgetall("prepaid:meter:pbx-a"))
+        assert set(raw) == {"state", "backlog", "at"}
         assert 9_000 < await redis.pttl("prepaid:meter:pbx-a") <= 10_000
         seconds, _ = await redis.time()
-        assert abs(float(raw[b"at"]) - seconds) < 2
+        assert abs(float(raw["at"]) - seconds) < 2
         got = await read_beat(redis, PREFIX, "pbx-a")
         assert (got.state, got.backlog) == ("behind", 7) and 0 <= got.age < 1
         assert (await read_beat(redis, PREFIX, "nowhere")).state == "missing"

@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -29,6 +30,7 @@ from testbed.ami_peer import (
     open_account,
     wait_until,
 )
+from testbed.replies import entries
 from testbed.servers import RedisServer
 
 START = 10_000_000
@@ -56,7 +58,7 @@ async def bill(ledger: Ledger, peer: AmiPeer, rec: Recording) -> None:
 @pytest.mark.parametrize("path", [p for p in RECORDINGS if "ringing" not in p.stem],
                          ids=lambda p: p.parent.name + "/" + p.stem)
 async def test_live_listener_bills_recorded_calls_exactly(ledger: Ledger, peer: AmiPeer,
-                                                          path) -> None:
+                                                          path: Path) -> None:
     rec = load(path)
     await open_account(ledger, START)
     await authorize(ledger, rec.ref, rec.channel, rec.number, PER_SECOND)
@@ -83,7 +85,7 @@ async def test_restart_mid_call_resumes_without_double_charge(ledger: Ledger,
         await wait_until(lambda: ended(ledger, rec.ref), what="call settled")
     account = await ledger.get("alice")
     assert account.balance == START - cost(PER_SECOND, 4) and account.held == 0  # billsec 4
-    assert len(await ledger.redis.xrange(calls_key(ledger, "alice"))) == 1
+    assert len(entries(await ledger.redis.xrange(calls_key(ledger, "alice")))) == 1
 
 
 async def _paid(ledger: Ledger, ref: str, n: int) -> bool:
@@ -170,7 +172,7 @@ async def test_attaching_at_every_point_of_the_stream(ledger: Ledger, redis_serv
         account = await ledger.get("alice")
         assert account.held == 0, start
         assert START - full <= account.balance <= START, start
-        assert len(await ledger.redis.xrange(calls_key(ledger, "alice"))) == 1, start
+        assert len(entries(await ledger.redis.xrange(calls_key(ledger, "alice")))) == 1, start
 
 
 async def test_calls_command_shows_the_metered_calls(ledger: Ledger, peer: AmiPeer,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from ami_listener.meter import Meter, calls_key
@@ -20,6 +22,7 @@ from testbed.ami_peer import (
     open_account,
     recording_meter,
 )
+from testbed.replies import entries
 
 SHARED = FIXTURES / "shared"
 
@@ -27,7 +30,8 @@ START = 10_000_000  # 10.00
 
 
 @pytest.mark.parametrize("path", RECORDINGS, ids=lambda p: p.parent.name + "/" + p.stem)
-async def test_recording_bills_exactly_the_rate_of_its_duration(ledger: Ledger, path) -> None:
+async def test_recording_bills_exactly_the_rate_of_its_duration(ledger: Ledger,
+                                                                path: Path) -> None:
     rec = load(path)
     await open_account(ledger, START)
     await authorize(ledger, rec.ref, rec.channel, rec.number, PER_SECOND)
@@ -43,15 +47,16 @@ async def test_recording_bills_exactly_the_rate_of_its_duration(ledger: Ledger, 
     seconds = rec.billed_duration()
     assert account.balance == START - cost(PER_SECOND, seconds)
     assert account.held == 0 and await ledger.holds("alice") == {}
-    entries = await ledger.redis.xrange(calls_key(ledger, "alice"))
-    assert len(entries) == 1
-    logged = {k.decode(): v.decode() for k, v in entries[0][1].items()}
+    rows = entries(await ledger.redis.xrange(calls_key(ledger, "alice")))
+    assert len(rows) == 1
+    logged = rows[0][1]
     assert logged["ref"] == rec.ref and logged["number"] == rec.number
     assert int(logged["cost"]) == cost(PER_SECOND, seconds)
     assert int(logged["duration"]) == seconds
     assert logged["rate"] == "per second" and logged["prefix"] == "39"
     if rec.answered:
-        assert seconds > 0 and logged["answered"] == f"{answer / US:.6f}"
+        assert answer is not None and seconds > 0
+        assert logged["answered"] == f"{answer / US:.6f}"
     else:
         assert seconds == 0 and logged["answered"] == ""
     state = await ledger.redis.hget(record_key("prepaid", rec.ref), "state")
@@ -83,7 +88,7 @@ async def test_replaying_twice_charges_once(ledger: Ledger) -> None:
     after_first = (await ledger.get("alice")).balance
     await replay(Meter(ledger), rec.messages)  # a second listener, same traffic
     assert (await ledger.get("alice")).balance == after_first == START - cost(PER_SECOND, 3)
-    assert len(await ledger.redis.xrange(calls_key(ledger, "alice"))) == 1
+    assert len(entries(await ledger.redis.xrange(calls_key(ledger, "alice")))) == 1
 
 
 async def test_calls_without_a_record_are_not_billed(ledger: Ledger) -> None:

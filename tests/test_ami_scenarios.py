@@ -36,6 +36,7 @@ from testbed.ami_peer import (
     recording_meter,
     wait_until,
 )
+from testbed.replies import entries
 from testbed.servers import RedisServer
 from tests.faults.test_ami_duplicates import variants
 
@@ -108,15 +109,14 @@ def spent(history: list[Entry], ref: str) -> int:
 
 async def ledger_keys(ledger: Ledger, account: str) -> list[str]:
     """The idempotency key of every money entry of the account (the raw history stream)."""
-    rows = await ledger.redis.xrange(f"{ledger.account_key(account)}:history")
-    keys = [f.get(b"key", b"").decode() for _, f in rows if f.get(b"kind") != b"open"]
+    rows = entries(await ledger.redis.xrange(f"{ledger.account_key(account)}:history"))
+    keys = [f.get("key", "") for _, f in rows if f.get("kind") != "open"]
     assert all(keys), f"history entries without a key: {rows}"
     return keys
 
 
 async def logged(ledger: Ledger, account: str) -> list[dict[str, str]]:
-    rows = await ledger.redis.xrange(calls_key(ledger, account))
-    return [{k.decode(): v.decode() for k, v in f.items()} for _, f in rows]
+    return [f for _, f in entries(await ledger.redis.xrange(calls_key(ledger, account)))]
 
 
 async def ended(ledger: Ledger, refs: list[str]) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
 
@@ -251,7 +252,7 @@ def test_time_comes_from_ticks_not_the_clock() -> None:
 
 
 @pytest.mark.parametrize("path", RECORDINGS, ids=lambda p: p.parent.name + "/" + p.stem)
-def test_every_recording_from_every_starting_point(path) -> None:
+def test_every_recording_from_every_starting_point(path: Path) -> None:
     rec = load(path)
     info = CallInfo("alice", rec.number, PER_SECOND, 60_000, rec.channel)
     for start in range(len(rec.messages)):

@@ -20,6 +20,7 @@ from prepaid.callrecord import record_key
 from prepaid.ledger import Ledger
 from prepaid.rating import cost
 from testbed.ami_peer import PER_SECOND, authorize, load, open_account
+from testbed.replies import entries
 from tests import test_ami_meter as single_redis
 from tests.cluster_fixtures import cluster, cluster_url, redis_url, reused_tests  # noqa: F401
 from tests.test_ami_meter import SHARED, START
@@ -38,8 +39,7 @@ async def crash(*_: Any, **__: Any) -> None:
 
 
 async def logged(ledger: Ledger) -> list[dict[str, str]]:
-    rows = await ledger.redis.xrange(calls_key(ledger, "alice"))
-    return [{k.decode(): v.decode() for k, v in f.items()} for _, f in rows]
+    return [f for _, f in entries(await ledger.redis.xrange(calls_key(ledger, "alice")))]
 
 
 async def test_the_call_record_and_the_account_are_in_different_slots(
@@ -62,8 +62,10 @@ async def test_a_settlement_cut_short_is_completed_after_a_restart(
     dying = Meter(ledger)
     with monkeypatch.context() as patch:
         # Dies before logging the call / before marking it ended.
-        target = (dying.history, "_log") if step == "_log" else (callrecord, "ended")
-        patch.setattr(*target, crash)
+        if step == "_log":
+            patch.setattr(dying.history, "_log", crash)
+        else:
+            patch.setattr(callrecord, "ended", crash)
         with pytest.raises(Crash):
             await replay(dying, rec.messages)
     charged = START - cost(PER_SECOND, 3)

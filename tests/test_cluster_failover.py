@@ -17,6 +17,7 @@ import pytest
 from prepaid.errors import StoreUnavailable
 from prepaid.ledger import Ledger, connect
 from testbed.cluster import Cluster, ClusterUnsupported
+from testbed.replies import entries
 
 DEBITS = 300
 KILL_AT = 60
@@ -76,9 +77,9 @@ async def test_primary_killed_mid_storm_keeps_the_ledger_consistent(
     assert new_owner is not victim and new_owner.info("replication")["role"] == "master"
 
     acct = await ledger.get("a")
-    raw = await client.xrange(ledger.keys("a")[2])
-    assert sum(int(f[b"amount"]) for _, f in raw) == acct.balance  # history sums to balance
-    applied = [f[b"key"].decode() for _, f in raw if f[b"kind"] == b"debit"]
+    raw = entries(await client.xrange(ledger.keys("a")[2]))
+    assert sum(int(f["amount"]) for _, f in raw) == acct.balance  # history sums to balance
+    applied = [f["key"] for _, f in raw if f["kind"] == "debit"]
     assert len(applied) == len(set(applied)), "an idempotency key was applied twice"
     assert acct.balance == 1_000_000 - 1_000 * len(applied)
     lost = acknowledged - set(applied)

@@ -19,6 +19,7 @@ from prepaid.ledger import Ledger, connect
 from prepaid.ratedeck import Normalisation, parse_csv
 from prepaid.ratestore import RateStore
 from testbed.cluster import Cluster
+from testbed.replies import entries
 from tests import test_ledger as single_redis
 from tests.cluster_fixtures import (  # noqa: F401
     cluster,
@@ -71,9 +72,9 @@ async def test_crossing_is_forwarded_to_the_shared_outbox_once(ledger: Ledger) -
                                      for i in range(20)))
     crossed = [r for r in results if r.crossed]
     assert len(crossed) == 1  # 3.00 -> 1.00: exactly one change went below 2.00
-    rows = await ledger.redis.xrange(ledger.outbox_key)
+    rows = entries(await ledger.redis.xrange(ledger.outbox_key))
     assert len(rows) == 1
-    fields = {k.decode(): v.decode() for k, v in rows[0][1].items()}
+    fields = rows[0][1]
     assert fields == {"account": "a", "crossing": crossed[0].entry, "action": "email",
                       "balance": str(crossed[0].balance), "threshold": str(2 * EUR),
                       "topup_amount": "0"}
@@ -106,8 +107,8 @@ async def test_a_crossing_left_behind_is_forwarded_by_a_retry_or_a_sweep(
     assert await ledger.forward_outbox("b", min_age=60) == 0
     assert await ledger.forward_outbox("b") == 1
     assert await ledger.forward_outbox("b") == 0
-    rows = await ledger.redis.xrange(ledger.outbox_key)
-    assert sorted(f[b"account"] for _, f in rows) == [b"a", b"b"]
+    rows = entries(await ledger.redis.xrange(ledger.outbox_key))
+    assert sorted(f["account"] for _, f in rows) == ["a", "b"]
 
 
 async def test_creating_an_account_again_repairs_a_missing_index_entry(ledger: Ledger) -> None:

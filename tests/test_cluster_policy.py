@@ -11,10 +11,12 @@ from __future__ import annotations
 import asyncio
 
 from redis.asyncio.cluster import RedisCluster
+from redis.typing import EncodableT
 
 from policy.gateway import SandboxGateway
 from prepaid.ledger import Ledger
 from prepaid.store import Store
+from testbed.replies import entries
 from tests import test_policy_worker as single_redis
 from tests.cluster_fixtures import cluster, cluster_url, redis_url, reused_tests  # noqa: F401
 from tests.test_policy_support import (  # noqa: F401
@@ -44,8 +46,9 @@ async def cross_and_die(ledger: Ledger, account: str, amount: int, key: str) -> 
 
 async def forward_without_delete(ledger: Ledger, account: str) -> None:
     """The first half of a forward (XADD to the shared outbox), then the process dies."""
-    [(_, fields)] = await ledger.redis.xrange(ledger.account_outbox_key(account))
-    await ledger.redis.xadd(ledger.outbox_key, fields)
+    [(_, fields)] = entries(await ledger.redis.xrange(ledger.account_outbox_key(account)))
+    row: dict[EncodableT, EncodableT] = {k: v for k, v in fields.items()}
+    await ledger.redis.xadd(ledger.outbox_key, row)
 
 
 async def test_a_crossing_forwarded_twice_sends_one_email(store: Store,  # noqa: F811
@@ -55,8 +58,8 @@ async def test_a_crossing_forwarded_twice_sends_one_email(store: Store,  # noqa:
     crossing = await cross_and_die(store.ledger, "1001", 6 * EUR, "d1")
     await forward_without_delete(store.ledger, "1001")
     assert await store.ledger.forward_outbox("1001") == 1  # the sweep forwards it again
-    rows = await store.redis.xrange(store.ledger.outbox_key)
-    assert [f[b"crossing"].decode() for _, f in rows] == [crossing, crossing]
+    rows = entries(await store.redis.xrange(store.ledger.outbox_key))
+    assert [f["crossing"] for _, f in rows] == [crossing, crossing]
     w, m = worker(store), mailer(store)
     assert await w.process_batch() == 2  # both acknowledged ...
     assert await m.process_batch() == 1  # ... but one mail queued

@@ -15,6 +15,7 @@ import redis
 
 from prepaid.errors import StoreUnavailable
 from prepaid.ledger import Ledger, connect
+from testbed.replies import entries
 from testbed.servers import RedisServer, free_port
 
 
@@ -50,7 +51,9 @@ class Sentinel:
             return []
 
     def primary_port(self) -> int:
-        return int(self.client.sentinel_get_master_addr_by_name("m")[1])
+        addr = self.client.sentinel_get_master_addr_by_name("m")
+        assert isinstance(addr, tuple), addr  # (host, port); None or False: no such primary
+        return int(addr[1])
 
     def stop(self) -> None:
         self.client.close()
@@ -110,8 +113,8 @@ async def test_primary_killed_mid_storm_loses_no_consistency(
     acct = await ledger.get("a")
     history = await ledger.history("a", limit=1000)
     assert sum(e.amount for e in history) == acct.balance
-    raw = await client.xrange(ledger.keys("a")[2])
-    applied = [f[b"key"].decode() for _, f in raw if f[b"kind"] == b"debit"]
+    raw = entries(await client.xrange(ledger.keys("a")[2]))
+    applied = [f["key"] for _, f in raw if f["kind"] == "debit"]
     assert len(applied) == len(set(applied)), "an idempotency key was applied twice"
     # Every debit a client saw succeed is in the ledger, or was lost with the dead primary
     # before it reached the replica (asynchronous replication); the count is reported.

@@ -21,6 +21,7 @@ import time
 import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
@@ -206,7 +207,7 @@ async def test_children_exit_by_themselves_when_the_supervisor_is_sigkilled(
     running.proc.wait(10)
     began = time.monotonic()
     for name in SERVICES:
-        await until(lambda name=name: gone(kids[name][0]), f"{name} child exiting", 15)
+        await until(partial(gone, kids[name][0]), f"{name} child exiting", 15)
     assert time.monotonic() - began < 15
     # No listener is left behind: a new serve binds the same port and serves.
     conf = write_config(tmp_path / "again.toml", seeded, running.agi_port)

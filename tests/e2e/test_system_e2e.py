@@ -40,6 +40,7 @@ from prepaid.store import Store, open_store
 from shell.serve import run_services
 from testbed.ami import Ami, Message, event
 from testbed.pbx import Pbx, free_port, project_ami_user
+from testbed.replies import entries, fields
 from testbed.servers import toml_text
 from testbed.sipload import SCENARIOS
 from testbed.smtp_sink import SmtpSink, body_text
@@ -281,8 +282,8 @@ class System:
 
     async def settlement(self, account: str, ref: str) -> dict[str, str]:
         """The metering's record of the finished call (its account's call history)."""
-        rows = await self.store.redis.xrange(calls_key(self.store.ledger, account))
-        found = [{k.decode(): v.decode() for k, v in f.items()} for _, f in rows]
+        rows = entries(await self.store.redis.xrange(calls_key(self.store.ledger, account)))
+        found = [f for _, f in rows]
         mine = [f for f in found if f.get("ref") == ref]
         assert len(mine) == 1, f"call {ref} logged {len(mine)} times: {found}"
         return mine[0]
@@ -303,8 +304,7 @@ class System:
 
     async def settled(self, ref: str, within: float = 10) -> dict[str, str]:
         async def check() -> dict[str, str] | None:
-            raw = await self.store.redis.hgetall(record_key("prepaid", ref))
-            h = {k.decode(): v.decode() for k, v in raw.items()}
+            h = fields(await self.store.redis.hgetall(record_key("prepaid", ref)))
             return h if h.get("state") in ("ended", "released") else None
 
         return await until(check, f"call {ref} settled by metering", within)

@@ -33,6 +33,7 @@ from prepaid.rating import block_cost, cost
 from prepaid.store import Store, open_store
 from testbed.ami import Ami, Message, event
 from testbed.pbx import Pbx, free_port, project_ami_user
+from testbed.replies import entries, fields
 from testbed.servers import toml_text
 from tests.cluster_fixtures import cluster, cluster_settings, cluster_url  # noqa: F401
 from tests.e2e.test_system_e2e import (
@@ -170,16 +171,15 @@ class Call:
 
 async def settled(store: Store, ref: str, within: float = 15) -> dict[str, str]:
     async def check() -> dict[str, str] | None:
-        raw = await store.redis.hgetall(record_key("prepaid", ref))
-        h = {k.decode(): v.decode() for k, v in raw.items()}
+        h = fields(await store.redis.hgetall(record_key("prepaid", ref)))
         return h if h.get("state") in ("ended", "released") else None
 
     return await until(check, f"call {ref} settled by metering", within)
 
 
 async def settlement(store: Store, account: str, ref: str) -> dict[str, str]:
-    rows = await store.redis.xrange(calls_key(store.ledger, account))
-    found = [{k.decode(): v.decode() for k, v in f.items()} for _, f in rows]
+    rows = entries(await store.redis.xrange(calls_key(store.ledger, account)))
+    found = [f for _, f in rows]
     mine = [f for f in found if f.get("ref") == ref]
     assert len(mine) == 1, f"call {ref} logged {len(mine)} times: {found}"
     return mine[0]
@@ -187,8 +187,7 @@ async def settlement(store: Store, account: str, ref: str) -> dict[str, str]:
 
 async def ledger_rows(store: Store, account: str) -> list[dict[str, str]]:
     """The account's ledger history stream as written (kind, amount, key, ref, ...)."""
-    raw = await store.redis.xrange(store.ledger.keys(account)[2])
-    return [{k.decode(): v.decode() for k, v in f.items()} for _, f in raw]
+    return [f for _, f in entries(await store.redis.xrange(store.ledger.keys(account)[2]))]
 
 
 def describe(history: list[Entry]) -> str:

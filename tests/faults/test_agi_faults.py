@@ -6,6 +6,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
@@ -162,7 +163,7 @@ async def test_stalled_clients_holding_every_slot_refuse_calls_until_the_header_
 
 
 async def test_a_10x_burst_of_200_calls_for_20_accounts_never_over_reserves(
-        redis_url: str, tmp_path, caplog: pytest.LogCaptureFixture) -> None:
+        redis_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """Fault 7: 200 concurrent FastAGI authorizations, 10 per account, for 20 accounts
     whose credit pays five first blocks each: all 200 answered within the [agi] timeout,
     exactly five ALLOWED and five DENIED NO_CREDIT per account, the holds never exceed the

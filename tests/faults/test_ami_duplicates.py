@@ -14,6 +14,7 @@ from ami_listener.runners import replay
 from prepaid.ledger import Ledger
 from prepaid.rating import cost
 from testbed.ami_peer import PER_SECOND, RECORDINGS, authorize, load, open_account
+from testbed.replies import entries
 from testbed.servers import RedisServer
 from tests.faults.conftest import US, lines
 
@@ -68,7 +69,7 @@ async def test_duplicated_and_reordered_events_bill_exactly_once(
         history = await ledger.history("alice", 1000)
         assert sum(e.amount for e in history) == account.balance, name
         assert all(e.amount <= 0 for e in history if e.kind != "credit"), name
-        assert len(await ledger.redis.xrange(calls_key(ledger, "alice"))) == 1, name
+        assert len(entries(await ledger.redis.xrange(calls_key(ledger, "alice")))) == 1, name
         assert rec.ref not in meter.tracker.calls and meter.errors == 0, name
     # What the admin sees: nothing above DEBUG (the duplicates are counted as oddities).
     assert not lines(caplog, "", logger="ami_listener", level=logging.WARNING)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
+from functools import partial
 
 import pytest
 
@@ -93,7 +94,7 @@ async def test_ami_link_cut_for_30_s_while_calls_end(
             await peer.play(msgs[acct][:split[acct]])
         for acct in ("a", "b", "d"):
             ref = calls[acct].ref
-            await wait_until(lambda ref=ref: _ge(blocks_paid(ledger, ref), 1),
+            await wait_until(partial(_paid_at_least, ledger, ref, 1),
                              what=f"block 1 of {acct}")
         await wait_until(lambda: _now(c.ref in meter.tracker.calls and
                                       meter.tracker.calls[c.ref].info is not None),
@@ -118,13 +119,13 @@ async def test_ami_link_cut_for_30_s_while_calls_end(
         await wait_until(lambda: _now(peer.logins == 2), what="listener logs in again")
         for acct in ("a", "b", "c"):
             ref = calls[acct].ref
-            await wait_until(lambda ref=ref: _eq(state(ledger, ref), "ended"),
+            await wait_until(partial(_in_state, ledger, ref, "ended"),
                              what=f"call {acct} settled after the link returned")
         # d: 30 s more, then ends; its CDR says so (the recording's said 3 s).
         await peer.play([with_billsec(m, CUT) if m.get("Event") == "Cdr"
                          and m.get("UniqueID") == d.ref else m
                          for m in retime(msgs["d"][split["d"]:], CUT * US)])
-        await wait_until(lambda: _eq(state(ledger, d.ref), "ended"), what="call d settled")
+        await wait_until(partial(_in_state, ledger, d.ref, "ended"), what="call d settled")
         assert meter.errors == 0
     finally:
         stop.set()
@@ -165,9 +166,9 @@ async def _now(value: bool) -> bool:
     return value
 
 
-async def _ge(value: object, n: int) -> bool:
-    return int(await value) >= n  # type: ignore[misc]
+async def _paid_at_least(ledger: Ledger, ref: str, n: int) -> bool:
+    return await blocks_paid(ledger, ref) >= n
 
 
-async def _eq(value: object, want: str) -> bool:
-    return await value == want  # type: ignore[misc]
+async def _in_state(ledger: Ledger, ref: str, want: str) -> bool:
+    return await state(ledger, ref) == want

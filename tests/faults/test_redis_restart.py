@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -54,6 +55,11 @@ async def blocks_paid(ledger: Ledger, ref: str) -> int:
 
 async def _now(value: bool) -> bool:
     return value
+
+
+async def _logged(caplog: pytest.LogCaptureFixture, text: str, logger: str,
+                  level: int = logging.DEBUG) -> bool:
+    return bool(lines(caplog, text, logger=logger, level=level))
 
 
 async def test_redis_killed_and_restarted_mid_call_bills_exactly_once(
@@ -111,9 +117,8 @@ async def test_redis_killed_and_restarted_mid_call_bills_exactly_once(
         for logger, text in (("ami_listener", "metering paused, Redis unavailable"),
                              ("policy.worker", "Redis (policy outbox) unavailable"),
                              ("policy.mailer", "Redis (mail queue) unavailable")):
-            await wait_until(lambda logger=logger, text=text: _now(bool(
-                lines(caplog, text, logger=logger, level=logging.WARNING))),
-                within=10, what=f"{logger} noticing the outage")
+            await wait_until(partial(_logged, caplog, text, logger, logging.WARNING),
+                             within=10, what=f"{logger} noticing the outage")
 
         # 3. Redis comes back from its append-only file.
         aof_redis.start()
@@ -126,8 +131,8 @@ async def test_redis_killed_and_restarted_mid_call_bills_exactly_once(
                              ("policy.worker", "Redis (policy outbox) recovered"),
                              ("policy.mailer", "Redis (mail queue) recovered"),
                              ("agi", "Redis / rate deck recovered")):
-            await wait_until(lambda logger=logger, text=text: _now(bool(
-                lines(caplog, text, logger=logger))), within=15, what=f"{logger} recovery")
+            await wait_until(partial(_logged, caplog, text, logger), within=15,
+                             what=f"{logger} recovery")
         await wait_until(lambda: _now(len(smtp.messages) >= 1), within=10,
                          what="the low-balance mail")
     finally:
@@ -174,8 +179,8 @@ async def _serving(port: int) -> bool:
     return True
 
 
-async def _ge(value: object, n: int) -> bool:
-    return int(await value) >= n  # type: ignore[misc]
+async def _ge(value: Awaitable[int], n: int) -> bool:
+    return await value >= n
 
 
 async def _eq_state(ledger: Ledger, ref: str, want: str) -> bool:
