@@ -34,6 +34,7 @@ class Reason(StrEnum):
     IN_CALL = "IN_CALL"  # the channel is already a metered prepaid call (e.g. transferred)
     NO_METERING = "NO_METERING"  # this server's metering is away or behind: it would go unbilled
     BUSY = "BUSY"  # authorizations take longer than [agi] busy_seconds: refused at once
+    DUPLICATE_CALL = "DUPLICATE_CALL"  # another account's live call has this uniqueid
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,7 +82,8 @@ def dial_limit(max_seconds: int, warning_ms: int) -> str:
 
 def deny(reason: Reason, policy: Policy) -> Decision:
     # The caller's account is fine: the system cannot take (or bill) the call right now.
-    status = (Status.ERROR if reason in (Reason.INTERNAL, Reason.NO_METERING, Reason.BUSY)
+    status = (Status.ERROR if reason in (Reason.INTERNAL, Reason.NO_METERING, Reason.BUSY,
+                                         Reason.DUPLICATE_CALL)
               else Status.DENIED)
     prompt = PROMPT_NO_CREDIT if reason is Reason.NO_CREDIT else PROMPT_REFUSED
     # BUSY: no more AGI commands to a PBX that is short of time; the dialplan plays the prompt.

@@ -173,6 +173,18 @@ def _in_call(ref: str, account_id: str, policy: Policy) -> Decision:
     return deny(Reason.IN_CALL, policy)
 
 
+async def _duplicate(store: Store, progress: _Progress, ref: str, account_id: str,
+                     policy: Policy, exc: callrecord.RecordExists) -> Decision:
+    """Another account's live call has this uniqueid: its record and hold stay as they are,
+    this account's new hold goes back and the call is refused."""
+    log.error("call %s from %s refused (ERROR DUPLICATE_CALL): %s; that call's record and "
+              "hold are kept", ref, account_id, exc)
+    progress.record = None  # the record is the other call's: never mark it released
+    await _release(store, progress, ref, "uniqueid of another live call")
+    progress.reserved = progress.reserving = False
+    return deny(Reason.DUPLICATE_CALL, policy)
+
+
 async def _release(store: Store, progress: _Progress, ref: str, why: str) -> None:
     """Give back the reservation of a call that will not go ahead (best effort, bounded)."""
     try:
@@ -271,7 +283,11 @@ async def _authorize(session: AgiSession, store: Store, ctx: RouteContext) -> De
                     progress.record = record = dataclasses.replace(
                         progress.record, linkedid=linkedid, authorized=time.time(),
                         channel=session.env.get("agi_channel", ""))
-                    await callrecord.write(store.redis, settings.redis.key_prefix, record)
+                    try:
+                        await callrecord.write(store.redis, settings.redis.key_prefix, record)
+                    except callrecord.RecordExists as exc:
+                        decision = await _duplicate(store, progress, ref, account_id, policy,
+                                                    exc)
             outage.success()
             ctx.overload.success()
         except AgiError as exc:  # the channel went away or broke protocol mid-way

@@ -45,7 +45,7 @@ from ami_listener.tracker import (
     Settlement,
     Tracker,
 )
-from prepaid import callrecord, metrics
+from prepaid import callrecord, holds, metrics
 from prepaid.callrecord import WARNING_FILE, CallRecord, hold_id, record_key, record_pattern
 from prepaid.errors import LedgerError, StoreUnavailable, UnknownAccount
 from prepaid.ledger import REDIS_ERRORS, Ledger, RedisClient
@@ -155,8 +155,12 @@ class Meter:
     def __init__(self, ledger: Ledger, *, prefix: str = "prepaid", warning_seconds: int = 60,
                  commands: Commands | None = None, warning_context: str = "prepaid-warning",
                  system_name: str = "", grace_seconds: int = 30,
-                 cdr_file: Path | None = None, reporter: Reporter | None = None) -> None:
+                 cdr_file: Path | None = None, reporter: Reporter | None = None,
+                 max_hold_seconds: float = 3 * 3600 + callrecord.EXPIRY_MARGIN) -> None:
         self.ledger = ledger
+        # A hold of a call authorized longer ago than this is given back (a backstop).
+        self.max_hold_seconds = max_hold_seconds
+        self._suspects: set[str] = set()  # holds found orphaned once (see holds.reap)
         self.redis: RedisClient = ledger.redis
         self.prefix = prefix
         self.tracker = Tracker(warning_seconds=warning_seconds, grace_seconds=grace_seconds)
@@ -188,6 +192,23 @@ class Meter:
                 return
             await self._run(self.tracker.tick(now_us))
             metrics.LIVE_CALLS.set(sum(1 for c in self.tracker.calls.values() if c.info))
+
+    async def reap(self, now: float | None = None) -> int:
+        """Give back the holds of this server's calls that nobody meters (prepaid.holds);
+        returns how many."""
+        async with self._lock:
+            try:
+                released, self._suspects = await holds.reap(
+                    self.ledger, system_name=self.system_name, live=set(self.tracker.calls),
+                    max_age=self.max_hold_seconds, suspects=self._suspects, now=now)
+            except StoreUnavailable as exc:
+                self._outage(exc)
+                return 0
+            except LedgerError as exc:
+                log.error("reaping orphaned holds failed: %s", exc)
+                return 0
+        metrics.HOLDS_REAPED.inc(len(released))
+        return len(released)
 
     async def recover(self) -> int:
         """After a (re)start or reconnect: resume every call Redis still holds as live.

@@ -203,6 +203,7 @@ class LiveRunner:
         tasks = [asyncio.create_task(self._read(client, queue), name="ami-reader"),
                  asyncio.create_task(self._meter(queue, recovered), name="ami-meter"),
                  asyncio.create_task(self._tick(recovered), name="ami-ticker"),
+                 asyncio.create_task(self._reap(recovered), name="ami-reaper"),
                  asyncio.create_task(stop.wait(), name="ami-stop")]
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
@@ -278,6 +279,17 @@ class LiveRunner:
         """Events read but not yet metered (0 between sessions)."""
         queue = self.queue
         return queue.qsize() if queue is not None else 0
+
+    async def _reap(self, recovered: asyncio.Event) -> None:
+        """Every [ami] reap_seconds, once the live calls are known: orphaned holds back."""
+        await recovered.wait()
+        while True:
+            await asyncio.sleep(self.settings.reap_seconds)
+            try:
+                await self.meter.reap()
+            except Exception:
+                self.meter.errors += 1
+                log.exception("reaping orphaned holds failed")
 
     async def _tick(self, recovered: asyncio.Event) -> None:
         # The resumed calls first, and Asterisk's clock if it stamps its events.

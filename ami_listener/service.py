@@ -7,6 +7,7 @@ import logging
 
 from ami_listener.meter import Meter
 from ami_listener.runners import LiveRunner
+from prepaid.callrecord import EXPIRY_MARGIN
 from prepaid.store import Store
 
 log = logging.getLogger(__name__)
@@ -18,7 +19,8 @@ def make_meter(store: Store) -> Meter:
                  warning_context=store.settings.ami.warning_context,
                  system_name=store.settings.ami.system_name,
                  grace_seconds=store.settings.ami.grace_seconds,
-                 cdr_file=store.settings.ami.cdr_file)
+                 cdr_file=store.settings.ami.cdr_file,
+                 max_hold_seconds=store.settings.billing.max_call_seconds + EXPIRY_MARGIN)
 
 
 async def run(store: Store, stop: asyncio.Event) -> None:

@@ -35,8 +35,12 @@ ENDED_TTL = 3600
 WARNING_FILE = "prepaid/credit-expires-in-one-minute"
 
 # One key each: scripts, not MULTI, so they run alike on a single Redis and a Cluster.
+# A record is written once: a live call's record (and so the hold it names) is never
+# replaced by another authorization reusing its uniqueid.
 _WRITE_LUA = """
-redis.call('DEL', KEYS[1])
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  return redis.call('HMGET', KEYS[1], 'account', 'state')
+end
 redis.call('HSET', KEYS[1], unpack(ARGV, 2))
 redis.call('EXPIRE', KEYS[1], ARGV[1])
 return 1
@@ -110,16 +114,29 @@ class CallRecord:
                    state=h.get("state", "authorized"))
 
 
+class RecordExists(Exception):
+    """A record of this reference exists already: it is kept, this one is not written."""
+
+    def __init__(self, ref: str, account: str, state: str) -> None:
+        super().__init__(f"call {ref} has a record already (account {account!r}, state "
+                         f"{state!r}); a uniqueid is never authorized twice")
+        self.ref, self.account, self.state = ref, account, state
+
+
 async def write(client: RedisClient, prefix: str, record: CallRecord) -> None:
-    """A new record (state ``authorized``), replacing any older one of that reference."""
+    """A new record (state ``authorized``), atomically only if its reference has none:
+    RecordExists otherwise, and the existing record is untouched."""
     key = record_key(prefix, record.uniqueid)
     fields = [x for kv in record.to_hash().items() for x in kv]
     try:
-        await client.register_script(_WRITE_LUA)(
+        done = await client.register_script(_WRITE_LUA)(
             keys=[key], args=[str(record.max_seconds + EXPIRY_MARGIN), *fields])
     except REDIS_ERRORS as exc:
         raise StoreUnavailable(f"Redis is unavailable writing call {record.uniqueid}: {exc}"
                                ) from exc
+    if isinstance(done, list):
+        account, state = (_text(v) if v is not None else "" for v in done)
+        raise RecordExists(record.uniqueid, account, state)
 
 
 async def released(client: RedisClient, prefix: str, ref: str) -> None:

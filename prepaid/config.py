@@ -86,6 +86,9 @@ class AmiSettings:
     # Metering counts as behind (new calls refused, ERROR NO_METERING) once it meters events,
     # or pays blocks, this many seconds late: a call allowed then would be metered late.
     behind_seconds: float = 2.0
+    # How often the listener gives back holds of this server's calls that nobody meters
+    # (their record released or gone, or older than [billing] max_call_seconds + 1 h).
+    reap_seconds: float = 60.0
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,8 @@ AGI_REFUSED = Counter("prepaid_agi_refused",
                       "FastAGI requests refused before any lookup, by why (secret: without "
                       "[agi] secret or with a wrong one; allow; connections; per_client)",
                       ["why"])
+HOLDS_REAPED = Counter("prepaid_holds_reaped",
+                       "Holds of calls no longer on their server, given back by its listener")
 AMI_RECONNECTS = Counter("prepaid_ami_reconnects", "Times the AMI link was re-established")
 OUTBOX_LAG = Gauge("prepaid_outbox_lag", "Policy events waiting or pending in the outbox",
                    multiprocess_mode="livemax")

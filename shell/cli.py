@@ -27,7 +27,7 @@ from agi.commands import sounds
 from ami_listener.commands import calls_cmd
 from policy.commands import card_group, manual_topup, policy_cmd
 from prepaid import config as config_mod
-from prepaid import health
+from prepaid import health, holds
 from prepaid.config import Settings
 from prepaid.errors import InputError, PrepaidError, RateError
 from prepaid.inputs import check_email, check_reference
@@ -285,6 +285,62 @@ def history(obj: Context, account_id: str, limit: int, as_json: bool) -> None:
         table.add_row(_when(e.time), e.kind, amount, format_amount(e.balance, acct.currency),
                       e.ref)
     console.print(table)
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    whole = int(seconds)
+    return f"{whole // 3600}h{whole % 3600 // 60:02d}m" if whole >= 3600 else \
+        f"{whole // 60}m{whole % 60:02d}s"
+
+
+@main.command("holds", context_settings={"ignore_unknown_options": False})
+@click.argument("words", nargs=-1, required=True, metavar="ACCOUNT_ID | release ACCOUNT_ID REF")
+@json_option
+@pass_ctx
+def holds_cmd(obj: Context, words: tuple[str, ...], as_json: bool) -> None:
+    """List ACCOUNT_ID's holds (ref, amount, age, owning server), or give one back:
+    `prepaid holds release ACCOUNT_ID REF` (REF: the call's reference or the hold id), once,
+    with an entry in the history. The metering listener gives back by itself the holds of
+    calls gone from its server; release by hand only a hold no listener will settle."""
+    if words[0] == "release" and len(words) == 3:
+        _release_hold(obj, words[1], words[2], as_json)
+        return
+    if len(words) != 1:
+        raise click.UsageError("give ACCOUNT_ID, or release ACCOUNT_ID REF")
+    account_id = words[0]
+
+    async def body(st: Store) -> tuple[Account, list[holds.HoldInfo]]:
+        return await st.ledger.get(account_id), await holds.list_holds(st.ledger, account_id)
+    acct, found = obj.run(body)
+    if as_json:
+        _emit([{**h.to_json(), "amount": format_amount(h.amount)} for h in found])
+        return
+    table = Table("ref", "amount", "age", "owner", "state", "channel",
+                  title=f"holds of account {acct.id}")
+    for h in found:
+        table.add_row(h.ref or h.hold, format_amount(h.amount, acct.currency), _age(h.age),
+                      h.owner or "-", h.state or "no record", h.channel or "-")
+    console.print(table)
+
+
+def _release_hold(obj: Context, account_id: str, ref: str, as_json: bool) -> None:
+    async def body(st: Store) -> tuple[Account, Change]:
+        change = await holds.release(st.ledger, account_id, ref, why="released by the admin")
+        return await st.ledger.get(account_id), change
+    acct, change = obj.run(body)
+    if as_json:
+        _emit({"account": acct.id, "hold": ref, "duplicate": change.duplicate,
+               "released": format_amount(change.hold_amount),
+               "available": format_amount(acct.available)})
+        return
+    if change.duplicate:
+        click.echo(f"hold {ref} of {acct.id} was released before; "
+                   f"{format_amount(acct.available, acct.currency)} available now")
+        return
+    click.echo(f"released {format_amount(change.hold_amount, acct.currency)} held by {ref} "
+               f"on {acct.id}; {format_amount(acct.available, acct.currency)} available")
 
 
 # -- rates ------------------------------------------------------------------

@@ -13,6 +13,7 @@ from prometheus_client import REGISTRY
 
 from agi.server import AgiServer
 from prepaid import config
+from prepaid.callrecord import record_key
 from prepaid.errors import ConfigError
 from prepaid.ratedeck import parse_csv
 from prepaid.store import Store, open_store
@@ -217,3 +218,32 @@ async def test_one_client_cannot_hold_more_than_its_connections(redis_url: str) 
         await server.close()
         await store.close()
 
+
+
+async def test_a_live_calls_uniqueid_reused_never_overwrites_its_record_or_hold(
+        served: tuple[Store, AgiServer], caplog: pytest.LogCaptureFixture) -> None:
+    store, server = served
+    await account(store, "1001", EUR)
+    await account(store, "2002", EUR)
+    first = AgiPeer(agi_env("dup1", callerid="1001"))
+    await first.call(server.port)
+    assert first.set_vars["PREPAID_STATUS"] == "ALLOWED"
+    record = await store.redis.hgetall(record_key("prepaid", "dup1"))
+    holds = await store.ledger.holds("1001")
+    # Another account's authorization with the same uniqueid: refused, nothing of the live
+    # call touched, and the other account's hold given back.
+    caplog.set_level(logging.ERROR, logger="agi.routes")
+    other = AgiPeer(agi_env("dup1", callerid="2002"))
+    await other.call(server.port)
+    assert (other.set_vars["PREPAID_STATUS"], other.set_vars["PREPAID_REASON"]) == (
+        "ERROR", "DUPLICATE_CALL")
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and "has a record already (account '1001'" in errors[0]
+    # The same account again (a transfer back into the dialplan): refused IN_CALL.
+    again = AgiPeer(agi_env("dup1", callerid="1001"))
+    await again.call(server.port)
+    assert again.set_vars["PREPAID_REASON"] == "IN_CALL"
+    assert await store.redis.hgetall(record_key("prepaid", "dup1")) == record
+    assert await store.ledger.holds("1001") == holds
+    assert await store.ledger.holds("2002") == {}
+    assert (await store.ledger.get("2002")).available == EUR
