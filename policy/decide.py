@@ -74,6 +74,26 @@ class Decision:
     reason: str = ""  # for ignore/refuse: why, in words a customer understands
 
 
+def _topup_refusal(state: State, caps: PolicySettings, now: float) -> str | None:
+    """Why an automatic top-up may not run now (no card, over a cap, declined lately)."""
+    money = state.currency
+    if not state.has_card:
+        return "no card is stored for automatic top-ups"
+    if state.topup_amount <= 0:
+        return "no automatic top-up amount is set"
+    if state.topup_amount > caps.max_topup:
+        return f"the top-up amount is above the maximum of {format_amount(caps.max_topup, money)}"
+    if now < state.decline_until:
+        return ("the card was declined recently; the next automatic attempt is allowed after "
+                f"{stamp(state.decline_until)}")
+    if state.topups_today >= caps.daily_topups:
+        return f"the daily limit of {caps.daily_topups} automatic top-ups is reached"
+    if state.amount_today + state.topup_amount > caps.daily_topup_amount:
+        return ("the daily automatic top-up limit of "
+                f"{format_amount(caps.daily_topup_amount, money)} would be exceeded")
+    return None
+
+
 def decide(state: State, caps: PolicySettings, now: float) -> Decision:
     if state.started_amount > 0:
         # A worker died mid top-up: finish it with the same idempotency key, whatever changed.
@@ -90,24 +110,9 @@ def decide(state: State, caps: PolicySettings, now: float) -> Decision:
         return Decision("warn")
     if state.action != "topup":
         return Decision("ignore", reason=f"unknown action {state.action!r}")
-    money = state.currency
-    if not state.has_card:
-        return Decision("refuse", reason="no card is stored for automatic top-ups")
-    if state.topup_amount <= 0:
-        return Decision("refuse", reason="no automatic top-up amount is set")
-    if state.topup_amount > caps.max_topup:
-        return Decision("refuse", reason=f"the top-up amount is above the maximum of "
-                                         f"{format_amount(caps.max_topup, money)}")
-    if now < state.decline_until:
-        return Decision("refuse", reason="the card was declined recently; the next automatic "
-                                         f"attempt is allowed after {stamp(state.decline_until)}")
-    if state.topups_today >= caps.daily_topups:
-        return Decision("refuse", reason=f"the daily limit of {caps.daily_topups} automatic "
-                                         "top-ups is reached")
-    if state.amount_today + state.topup_amount > caps.daily_topup_amount:
-        return Decision("refuse", reason="the daily automatic top-up limit of "
-                                         f"{format_amount(caps.daily_topup_amount, money)} "
-                                         "would be exceeded")
+    refusal = _topup_refusal(state, caps, now)
+    if refusal is not None:
+        return Decision("refuse", reason=refusal)
     return Decision("topup", state.topup_amount)
 
 

@@ -198,19 +198,31 @@ _ENV = {("redis", "url"): "PREPAID_REDIS_URL", ("ami", "secret"): "PREPAID_AMI_S
         ("payments", "stripe_api_key"): "STRIPE_API_KEY"}
 
 
+def _amounts(value: Any, name: str, where: str) -> int | tuple[int, ...]:
+    """An amount, or a list of them (``[policy] presets``), in micro-units."""
+    out = []
+    for item in value if isinstance(value, list) else [value]:
+        if isinstance(item, bool) or not isinstance(item, (int, str, float)):
+            raise ConfigError(f"{where}: {name} must be an amount like \"5.00\"")
+        try:
+            out.append(parse_amount(str(item), what=name, allow_zero=True))
+        except InputError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+    return tuple(out) if isinstance(value, list) else out[0]
+
+
+def _path(value: Any, name: str, where: str) -> Path:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{where}: {name} must be a path")
+    path = Path(value)
+    # Relative paths are relative to the config file, not to where the command runs.
+    return path if path.is_absolute() or where.startswith("<") else Path(where).parent / path
+
+
 def _convert(section: str, key: str, value: Any, default: Any, where: str) -> Any:
     name = f"[{section}] {key}"
     if (section, key) in _MONEY_KEYS or (section, key) == ("policy", "presets"):
-        items = value if isinstance(value, list) else [value]
-        out = []
-        for item in items:
-            if isinstance(item, bool) or not isinstance(item, (int, str, float)):
-                raise ConfigError(f"{where}: {name} must be an amount like \"5.00\"")
-            try:
-                out.append(parse_amount(str(item), what=name, allow_zero=True))
-            except InputError as exc:
-                raise ConfigError(f"{where}: {exc}") from None
-        return tuple(out) if isinstance(value, list) else out[0]
+        return _amounts(value, name, where)
     if isinstance(default, bool):
         if not isinstance(value, bool):
             raise ConfigError(f"{where}: {name} must be true or false, not {value!r}")
@@ -228,11 +240,7 @@ def _convert(section: str, key: str, value: Any, default: Any, where: str) -> An
             raise ConfigError(f"{where}: {name} must be a list of strings")
         return tuple(value)
     if default is None or isinstance(default, Path):
-        if not isinstance(value, str) or not value:
-            raise ConfigError(f"{where}: {name} must be a path")
-        path = Path(value)
-        # Relative paths are relative to the config file, not to where the command runs.
-        return path if path.is_absolute() or where.startswith("<") else Path(where).parent / path
+        return _path(value, name, where)
     if not isinstance(value, str):
         shown = "another type" if (section, key) in _ENV else repr(value)  # never a secret
         raise ConfigError(f"{where}: {name} must be a string, not {shown}")
@@ -254,6 +262,29 @@ def _section(cls: type[Any], section: str, table: Mapping[str, Any], where: str,
     return cls(**values)
 
 
+def _validate_agi(agi: AgiSettings, where: str) -> None:
+    if not re.fullmatch(r"[^:\s]+:[0-9]{1,5}|\[[0-9a-fA-F:]+\]:[0-9]{1,5}", agi.listen):
+        raise ConfigError(f"{where}: [agi] listen {agi.listen!r} must be HOST:PORT")
+    if not agi.allow:
+        raise ConfigError(f"{where}: [agi] allow is empty; list the networks of your Asterisk "
+                          "servers, e.g. [\"127.0.0.1\", \"10.0.0.5\"] (the default is "
+                          "loopback only; [\"0.0.0.0/0\", \"::/0\"] is any client)")
+    for entry in agi.allow:
+        try:
+            ipaddress.ip_network(entry.strip(), strict=False)
+        except ValueError:
+            raise ConfigError(f"{where}: [agi] allow entry {entry!r} is not an address or "
+                              "network like 127.0.0.1 or 10.0.0.0/8") from None
+    if not agi.secret and not agi.loopback_only:
+        raise ConfigError(f"{where}: [agi] allow lets other hosts connect, so [agi] secret "
+                          "(or PREPAID_AGI_SECRET) must be set: a long random string, also "
+                          "set as PREPAID_AGI_SECRET in extensions.conf [globals]")
+    bad = [x for x in agi.account_sources if x not in ACCOUNT_SOURCES]
+    if bad or not agi.account_sources:
+        raise ConfigError(f"{where}: [agi] account_sources may hold only "
+                          f"{', '.join(ACCOUNT_SOURCES)}")
+
+
 def _validate(s: Settings, where: str) -> None:
     try:
         check_currency(s.billing.currency)
@@ -262,26 +293,7 @@ def _validate(s: Settings, where: str) -> None:
     if not re.match(r"^(rediss?|unix|redis\+sentinel|redis\+cluster)://", s.redis.url):
         raise ConfigError(f"{where}: [redis] url {s.redis.safe_url!r} must start with "
                           "redis://, rediss://, unix://, redis+sentinel:// or redis+cluster://")
-    if not re.fullmatch(r"[^:\s]+:[0-9]{1,5}|\[[0-9a-fA-F:]+\]:[0-9]{1,5}", s.agi.listen):
-        raise ConfigError(f"{where}: [agi] listen {s.agi.listen!r} must be HOST:PORT")
-    if not s.agi.allow:
-        raise ConfigError(f"{where}: [agi] allow is empty; list the networks of your Asterisk "
-                          "servers, e.g. [\"127.0.0.1\", \"10.0.0.5\"] (the default is "
-                          "loopback only; [\"0.0.0.0/0\", \"::/0\"] is any client)")
-    for entry in s.agi.allow:
-        try:
-            ipaddress.ip_network(entry.strip(), strict=False)
-        except ValueError:
-            raise ConfigError(f"{where}: [agi] allow entry {entry!r} is not an address or "
-                              "network like 127.0.0.1 or 10.0.0.0/8") from None
-    if not s.agi.secret and not s.agi.loopback_only:
-        raise ConfigError(f"{where}: [agi] allow lets other hosts connect, so [agi] secret "
-                          "(or PREPAID_AGI_SECRET) must be set: a long random string, also "
-                          "set as PREPAID_AGI_SECRET in extensions.conf [globals]")
-    bad = [x for x in s.agi.account_sources if x not in ACCOUNT_SOURCES]
-    if bad or not s.agi.account_sources:
-        raise ConfigError(f"{where}: [agi] account_sources may hold only "
-                          f"{', '.join(ACCOUNT_SOURCES)}")
+    _validate_agi(s.agi, where)
     if s.policy.action not in ACTIONS:
         raise ConfigError(f"{where}: [policy] action {s.policy.action!r} must be one of "
                           f"{', '.join(ACTIONS)}")

@@ -147,25 +147,31 @@ def rootfs_ready(path: Path | str | None = None) -> bool:
     ).exists()
 
 
+def _deb822_sources(text: str) -> list[tuple[str, list[str]]]:
+    """The (URI, suites) of the enabled deb stanzas of a deb822 ``.sources`` file."""
+    out: list[tuple[str, list[str]]] = []
+    for stanza in re.split(r"\n\s*\n", text):
+        fields: dict[str, str] = {}
+        for line in stanza.splitlines():
+            if line.startswith("#") or ":" not in line:
+                continue
+            key, _, value = line.partition(":")
+            fields[key.strip().lower()] = value.strip()
+        if "deb" not in fields.get("types", "").split():
+            continue
+        if fields.get("enabled", "yes").lower() == "no":
+            continue
+        suites = fields.get("suites", "").split()
+        out += [(uri, suites) for uri in fields.get("uris", "").split()]
+    return out
+
+
 def apt_mirror() -> str:
     """The Debian mirror URI the machine's apt sources name (read, never hard-coded)."""
     candidates: list[tuple[str, list[str]]] = []
     for src in sorted(Path("/etc/apt/sources.list.d").glob("*.sources")):
         with contextlib.suppress(OSError):
-            for stanza in re.split(r"\n\s*\n", src.read_text()):
-                fields: dict[str, str] = {}
-                for line in stanza.splitlines():
-                    if line.startswith("#") or ":" not in line:
-                        continue
-                    key, _, value = line.partition(":")
-                    fields[key.strip().lower()] = value.strip()
-                if "deb" not in fields.get("types", "").split():
-                    continue
-                if fields.get("enabled", "yes").lower() == "no":
-                    continue
-                suites = fields.get("suites", "").split()
-                for uri in fields.get("uris", "").split():
-                    candidates.append((uri, suites))
+            candidates += _deb822_sources(src.read_text())
     lists = [Path("/etc/apt/sources.list"), *sorted(Path("/etc/apt/sources.list.d").glob("*.list"))]
     for src in lists:
         with contextlib.suppress(OSError):
