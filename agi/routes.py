@@ -255,6 +255,22 @@ async def _refuse_busy(session: AgiSession, store: Store, ctx: RouteContext,
     return decision
 
 
+async def _record(session: AgiSession, store: Store, progress: _Progress, decision: Decision,
+                  ref: str, account_id: str, linkedid: str, policy: Policy) -> Decision:
+    """Write an allowed call's record (channel, linkedid, when); one already there makes
+    this a duplicate AGI for a live call."""
+    if not decision.allowed or progress.record is None:
+        return decision
+    progress.record = record = dataclasses.replace(
+        progress.record, linkedid=linkedid, authorized=time.time(),
+        channel=session.env.get("agi_channel", ""))
+    try:
+        await callrecord.write(store.redis, store.settings.redis.key_prefix, record)
+    except callrecord.RecordExists as exc:
+        return await _duplicate(store, progress, ref, account_id, policy, exc)
+    return decision
+
+
 async def _authorize(session: AgiSession, store: Store, ctx: RouteContext) -> Decision:
     settings = store.settings
     outage = ctx.outage
@@ -279,15 +295,8 @@ async def _authorize(session: AgiSession, store: Store, ctx: RouteContext) -> De
                 else:
                     decision = await _store_phase(store, account_id, number, ref, policy,
                                                   progress)
-                if decision.allowed and progress.record is not None:
-                    progress.record = record = dataclasses.replace(
-                        progress.record, linkedid=linkedid, authorized=time.time(),
-                        channel=session.env.get("agi_channel", ""))
-                    try:
-                        await callrecord.write(store.redis, settings.redis.key_prefix, record)
-                    except callrecord.RecordExists as exc:
-                        decision = await _duplicate(store, progress, ref, account_id, policy,
-                                                    exc)
+                decision = await _record(session, store, progress, decision, ref,
+                                         account_id, linkedid, policy)
             outage.success()
             ctx.overload.success()
         except AgiError as exc:  # the channel went away or broke protocol mid-way
