@@ -15,8 +15,9 @@ from ami_listener.meter import calls_key
 from prepaid import config
 from prepaid.config import Settings
 from prepaid.errors import PrepaidError, StoreUnavailable
-from prepaid.ledger import REDIS_ERRORS, check_account_id
+from prepaid.ledger import check_account_id
 from prepaid.money import format_amount
+from prepaid.redis_client import REDIS_ERRORS, text
 from prepaid.store import open_store
 
 
@@ -35,7 +36,7 @@ async def recent_calls(settings: Settings, account: str, limit: int) -> tuple[st
         await store.close()
     calls = []
     for _, fields in rows or []:
-        f = {_text(k): _text(v) for k, v in (fields or {}).items()}
+        f = {text(k): text(v) for k, v in (fields or {}).items()}
         calls.append({"ref": f["ref"], "number": f["number"], "prefix": f["prefix"],
                       "rate": f["rate"],
                       "answered": float(f["answered"]) if f["answered"] else None,
@@ -90,6 +91,3 @@ def calls_cmd(ctx: click.Context, account: str, limit: int, as_json: bool) -> No
     if not calls:
         click.echo(f"no calls metered for {account} yet")
 
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

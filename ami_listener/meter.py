@@ -45,10 +45,11 @@ from ami_listener.tracker import (
     Settlement,
     Tracker,
 )
-from prepaid import callrecord, holds, metrics
+from prepaid import callrecord, holds, lua, metrics
 from prepaid.callrecord import WARNING_FILE, CallRecord, hold_id, record_key, record_pattern
 from prepaid.errors import LedgerError, StoreUnavailable, UnknownAccount
-from prepaid.ledger import REDIS_ERRORS, Ledger, RedisClient
+from prepaid.ledger import Ledger
+from prepaid.redis_client import REDIS_ERRORS, RedisClient, text
 
 log = logging.getLogger(__name__)
 
@@ -56,16 +57,6 @@ HISTORY_MAX = 10_000  # call records kept per account
 
 RECOVER_BATCH = 500  # call records read in one round trip after a (re)connect
 
-# A finished call is written in three steps of one cluster slot each, every one safe to
-# repeat, so a crash between them loses nothing and doubles nothing:
-# 1. the call record keeps the first finisher's settlement (callrecord.finish);
-# 2. the account's call history logs that settlement once per reference (the account's);
-_LOG_LUA = """
-if redis.call('ZADD', KEYS[2], 'NX', ARGV[2], ARGV[1]) == 0 then return 0 end
-redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', unpack(ARGV, 4))
-redis.call('ZREMRANGEBYRANK', KEYS[2], 0, -2 * tonumber(ARGV[3]) - 1)
-return 1
-"""
 # 3. the call record is marked ended (callrecord.ended).  Recovery completes a record left
 #    'finished' but not 'ended' by a crash (see Meter.recover).
 
@@ -125,13 +116,13 @@ class Reporter(Protocol):
 
 class CallHistory:
     """The production reporter: the call record keeps the first finisher's settlement, the
-    account's call history logs it once, the record is marked ended (see _LOG_LUA)."""
+    account's call history logs it once, the record is marked ended (see lua.CALLS_LOG)."""
 
     def __init__(self, ledger: Ledger, prefix: str = "prepaid") -> None:
         self.ledger = ledger
         self.redis: RedisClient = ledger.redis
         self.prefix = prefix
-        self._log = self.redis.register_script(_LOG_LUA)
+        self._log = self.redis.register_script(lua.CALLS_LOG)
 
     async def settled(self, settlement: Settlement) -> None:
         s = settlement
@@ -140,7 +131,7 @@ class CallHistory:
         await self.complete(s.ref, s.account, first or s.fields())  # the first finisher's
 
     async def complete(self, ref: str, account: str, fields: dict[str, str]) -> None:
-        """Steps 2 and 3 of a finished call (see _LOG_LUA): log it once, mark it ended."""
+        """Steps 2 and 3 of a finished call (see lua.CALLS_LOG): log it once, mark it ended."""
         args = [x for kv in fields.items() for x in kv]
         now = f"{time.time():.3f}"
         await _call(self._log(
@@ -241,7 +232,7 @@ class Meter:
         try:
             keys = [k async for k in self.redis.scan_iter(record_pattern(self.prefix),
                                                           count=1000)]
-            keys = [k for k in keys if on_server(_text(k).rsplit(":", 1)[1], self.system_name)]
+            keys = [k for k in keys if on_server(text(k).rsplit(":", 1)[1], self.system_name)]
             for start in range(0, len(keys), RECOVER_BATCH):
                 batch = keys[start:start + RECOVER_BATCH]
                 # One round trip a batch: recovery runs beside the AMI reader, but a
@@ -251,8 +242,8 @@ class Meter:
                         pipe.hgetall(key)
                     hashes = await pipe.execute()
                 for key, raw in zip(batch, hashes, strict=True):
-                    h = {_text(k): _text(v) for k, v in raw.items()}
-                    ref = _text(key).rsplit(":", 1)[1]
+                    h = {text(k): text(v) for k, v in raw.items()}
+                    ref = text(key).rsplit(":", 1)[1]
                     if "finished" in h:
                         if h.get("state") != "ended" and h.get("settlement"):
                             fields = _settlement(h["settlement"])
@@ -350,7 +341,7 @@ class Meter:
             self.tracker.failed(action.ref)
             raise StoreUnavailable(f"Redis is unavailable reading call {action.ref}: {exc}"
                                    ) from exc
-        h = {_text(k): _text(v) for k, v in raw.items()}
+        h = {text(k): text(v) for k, v in raw.items()}
         info = _info(h) if h and "finished" not in h else None
         if info is None:
             if h:
@@ -480,6 +471,3 @@ async def _call(coro: object) -> object:
     except REDIS_ERRORS as exc:
         raise StoreUnavailable(f"Redis is unavailable: {exc}") from exc
 
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value

@@ -16,8 +16,9 @@ from typing import Any
 from ami_listener.protocol import split
 from ami_listener.runners import replay
 from ami_listener.tracker import US
-from prepaid.ledger import Ledger, connect
+from prepaid.ledger import Ledger
 from prepaid.rating import Rate
+from prepaid.redis_client import connect
 from testbed.ami_peer import FIXTURES, authorize, load, open_account, recording_meter
 from testbed.servers import RedisServer
 

@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import percentile
-from prepaid.ledger import Ledger, connect
+from prepaid.ledger import Ledger
+from prepaid.redis_client import connect
 from testbed.ami import Ami, Message
 from testbed.pbx import Pbx, free_port, pbx_unavailable_reason, project_ami_user
 from testbed.servers import RedisServer

@@ -27,9 +27,10 @@ from pathlib import Path
 from typing import Any
 
 from prepaid.health import beat
-from prepaid.ledger import Ledger, connect
+from prepaid.ledger import Ledger
 from prepaid.ratedeck import parse_csv
 from prepaid.ratestore import RateStore
+from prepaid.redis_client import connect
 from testbed.agi_peer import AgiPeer, agi_env
 from testbed.ami_peer import FIXTURES, AmiPeer
 from testbed.servers import RedisServer, free_port

@@ -11,7 +11,8 @@ import subprocess
 import time
 from typing import Any
 
-from prepaid.ledger import Ledger, connect
+from prepaid.ledger import Ledger
+from prepaid.redis_client import connect
 from testbed.servers import RedisServer
 
 OPS = 20_000

@@ -50,10 +50,11 @@ from typing import Any
 
 from bench.common import percentile
 from prepaid.errors import StoreUnavailable
-from prepaid.ledger import REDIS_ERRORS, Ledger, RedisClient, connect
+from prepaid.ledger import Ledger
 from prepaid.ratedeck import Normalisation, parse_csv
 from prepaid.ratestore import RateStore
 from prepaid.rating import cost
+from prepaid.redis_client import REDIS_ERRORS, RedisClient, connect
 from testbed.ami import Ami, Message
 from testbed.cluster import Cluster, ClusterUnsupported
 from testbed.pbx import Pbx, free_port, pbx_unavailable_reason, project_ami_user

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 from prepaid.errors import PrepaidError
-from prepaid.ledger import REDIS_ERRORS, RedisClient
+from prepaid.redis_client import REDIS_ERRORS, RedisClient
 
 ChargeStatus = Literal["ok", "declined", "auth_required"]
 

@@ -27,14 +27,15 @@ from pathlib import Path
 from typing import Any
 
 import aiosmtplib
-from redis.exceptions import RedisClusterException, RedisError, ResponseError
+from redis.exceptions import RedisClusterException, RedisError
 
 from policy.decide import retry_delay
-from prepaid import metrics
+from prepaid import lua, metrics
 from prepaid.config import SmtpSettings
 from prepaid.errors import ConfigError
-from prepaid.ledger import REDIS_ERRORS, RedisClient
 from prepaid.outage import OutageLog
+from prepaid.redis_client import REDIS_ERRORS, RedisClient
+from prepaid.streams import ConsumerGroup
 
 log = logging.getLogger(__name__)
 
@@ -46,14 +47,6 @@ def _kind(mail_id: str) -> str:
 KINDS = ("low_balance", "topup_receipt", "topup_failed", "manual_receipt")
 GROUP = "mailers"
 RECORD_TTL = 30 * 86400
-
-_ENQUEUE_LUA = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-redis.call('HSET', KEYS[1], 'state', 'queued', 'to', ARGV[2], 'queued', ARGV[4])
-redis.call('EXPIRE', KEYS[1], ARGV[5])
-redis.call('XADD', KEYS[2], '*', 'id', ARGV[1], 'to', ARGV[2], 'message', ARGV[3])
-return 1
-"""
 
 
 class Templates:
@@ -120,7 +113,7 @@ class MailQueue:
     def __init__(self, client: RedisClient, prefix: str = "prepaid") -> None:
         self.redis = client
         self.prefix = prefix
-        self._enqueue = client.register_script(_ENQUEUE_LUA)
+        self._enqueue = client.register_script(lua.MAIL_ENQUEUE)
 
     @property
     def stream_key(self) -> str:
@@ -176,36 +169,12 @@ class MailWorker:
         self.batch = batch
         self.smtp_outage = OutageLog(log, f"SMTP server {smtp.host}:{smtp.port}")
         self.redis_outage = OutageLog(log, "Redis (mail queue)")
-        self._group_ready = False
-        self._cursor = "0-0"
+        # Its own failures again at once: run() backs off while SMTP or Redis is down.
+        self.group = ConsumerGroup(client, self.queue.stream_key, GROUP, self.consumer,
+                                   claim_idle_ms=claim_idle_ms, retry_idle_ms=0, batch=batch)
 
     async def ensure_group(self) -> None:
-        if self._group_ready:
-            return
-        try:
-            await self.redis.xgroup_create(self.queue.stream_key, GROUP, id="0", mkstream=True)
-        except ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
-        self._group_ready = True
-
-    async def _fetch(self, block_ms: int | None) -> list[tuple[str, dict[bytes, bytes]]]:
-        """Own pending first (earlier failures), then dead workers' entries, then new ones."""
-        key = self.queue.stream_key
-        rows: list[Any] = []
-        own: Any = await self.redis.xreadgroup(GROUP, self.consumer, {key: "0"},
-                                               count=self.batch)
-        rows = own[0][1] if own else []
-        if not rows:
-            claimed: Any = await self.redis.xautoclaim(
-                key, GROUP, self.consumer, self.claim_idle_ms, self._cursor, count=self.batch)
-            self._cursor = claimed[0].decode() if isinstance(claimed[0], bytes) else claimed[0]
-            rows = claimed[1]
-        if not rows:
-            new: Any = await self.redis.xreadgroup(GROUP, self.consumer, {key: ">"},
-                                                   count=self.batch, block=block_ms)
-            rows = new[0][1] if new else []
-        return [(i.decode() if isinstance(i, bytes) else i, f or {}) for i, f in rows]
+        await self.group.ensure()
 
     async def process_batch(self, block_ms: int | None = None) -> int:
         """Send what is waiting; return how many mails were sent or given up.
@@ -213,8 +182,7 @@ class MailWorker:
         Raises nothing for outages: they are logged once and the mails stay queued.
         """
         try:
-            await self.ensure_group()
-            rows = await self._fetch(block_ms)
+            rows = await self.group.fetch(block_ms)
         except REDIS_ERRORS as exc:
             self.redis_outage.failure(exc)
             return 0

@@ -7,7 +7,7 @@ from policy.gateway import Gateway, SandboxGateway
 from policy.stripe_gateway import StripeGateway
 from prepaid.config import Settings
 from prepaid.errors import ConfigError
-from prepaid.ledger import RedisClient
+from prepaid.redis_client import RedisClient
 
 
 def make_gateway(settings: Settings, client: RedisClient) -> Gateway:

@@ -28,9 +28,6 @@ import secrets
 import socket
 import time
 from collections.abc import Callable
-from typing import Any
-
-from redis.exceptions import ResponseError
 
 from policy.decide import (
     Decision,
@@ -46,13 +43,15 @@ from policy.decide import (
 from policy.gateway import ChargeResult, Gateway, PaymentError
 from policy.mailer import MailQueue, MailWorker, Templates, compose
 from policy.payments import make_gateway
-from prepaid import metrics
+from prepaid import lua, metrics
 from prepaid.config import Settings
 from prepaid.errors import InputError, StoreUnavailable, UnknownAccount
-from prepaid.ledger import REDIS_ERRORS, Account, Ledger, RedisClient
+from prepaid.ledger import Account, Ledger
 from prepaid.money import format_amount
 from prepaid.outage import OutageLog
+from prepaid.redis_client import REDIS_ERRORS, RedisClient, text
 from prepaid.store import Store
+from prepaid.streams import ConsumerGroup
 
 log = logging.getLogger(__name__)
 
@@ -60,19 +59,6 @@ GROUP = "policy"
 OUTAGES: tuple[type[Exception], ...] = (*REDIS_ERRORS, StoreUnavailable)
 RECORD_TTL = 7 * 86400
 DAY_TTL = 3 * 86400
-
-_UNLOCK_LUA = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
-# Take the account's top-up lock, or take it again with the same token: an attempt cut
-# short by a Redis outage (its unlock failed too) must not block its own retry.
-_LOCK_LUA = """
-local held = redis.call('GET', KEYS[1])
-if held and held ~= ARGV[1] then return 0 end
-redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
-return 1
-"""
 
 
 def mail_context(acct: Account, **extra: str) -> dict[str, str]:
@@ -109,10 +95,13 @@ class PolicyWorker:
         self.batch = batch
         self.now = now
         self.redis_outage = OutageLog(log, "Redis (policy outbox)")
-        self._unlock = client.register_script(_UNLOCK_LUA)
-        self._lock = client.register_script(_LOCK_LUA)
-        self._group_ready = False
-        self._cursor = "0-0"
+        self._unlock = client.register_script(lua.TOPUP_UNLOCK)
+        self._lock = client.register_script(lua.TOPUP_LOCK)
+        # Its own failures again only after claim_idle_ms: a top-up waiting for the lock or
+        # for a gateway retry must not spin (prepaid/streams.py).
+        self.group = ConsumerGroup(client, ledger.outbox_key, GROUP, self.consumer,
+                                   claim_idle_ms=claim_idle_ms, retry_idle_ms=claim_idle_ms,
+                                   batch=batch)
         self.sweep_seconds = sweep_seconds
         self.sweep_min_age = sweep_min_age  # younger crossings are left to their writer
         self._next_sweep = 0.0  # monotonic time; 0: sweep on the first batch
@@ -132,30 +121,13 @@ class PolicyWorker:
 
     # -- reading the outbox ------------------------------------------------------
     async def ensure_group(self) -> None:
-        if self._group_ready:
-            return
-        try:
-            await self.redis.xgroup_create(self.ledger.outbox_key, GROUP, id="0", mkstream=True)
-        except ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
-        self._group_ready = True
+        await self.group.ensure()
 
     async def fetch(self, block_ms: int | None = None) -> list[tuple[str, dict[str, str]]]:
-        """Events idle in a dead (or this) worker's hands first, then new ones."""
-        await self.ensure_group()
-        key = self.ledger.outbox_key
-        claimed: Any = await self.redis.xautoclaim(key, GROUP, self.consumer,
-                                                   self.claim_idle_ms, self._cursor,
-                                                   count=self.batch)
-        nxt = claimed[0]
-        self._cursor = nxt.decode() if isinstance(nxt, bytes) else str(nxt)
-        rows: list[Any] = list(claimed[1])
-        if not rows:
-            new: Any = await self.redis.xreadgroup(GROUP, self.consumer, {key: ">"},
-                                                   count=self.batch, block=block_ms)
-            rows = new[0][1] if new else []
-        return [(_s(i), {_s(k): _s(v) for k, v in (f or {}).items()}) for i, f in rows]
+        """Its own events left to retry, then those idle in a dead worker's hands, then new
+        ones (prepaid/streams.py)."""
+        rows = await self.group.fetch(block_ms)
+        return [(i, {text(k): text(v) for k, v in f.items()}) for i, f in rows]
 
     async def process_batch(self, block_ms: int | None = None) -> int:
         """Handle what is waiting; return how many events were acknowledged.
@@ -167,7 +139,7 @@ class PolicyWorker:
             acked = 0
             for entry_id, fields in rows:
                 if await self.handle(entry_id, fields):
-                    await self.redis.xack(self.ledger.outbox_key, GROUP, entry_id)
+                    await self.group.ack(entry_id)
                     acked += 1
         except OUTAGES as exc:
             self.redis_outage.failure(exc)
@@ -258,10 +230,10 @@ class PolicyWorker:
             currency=acct.currency, email=acct.email, status=acct.status, balance=acct.balance,
             threshold=acct.threshold, action=acct.action, policy_enabled=acct.policy_enabled,
             topup_amount=acct.topup_amount, has_card=acct.has_card,
-            declines=int(_s(raw[0]) or 0) if raw[0] else 0,
-            decline_until=float(_s(raw[1]) or 0) if raw[1] else 0.0,
-            topups_today=sum(1 for k in today if _s(k) != ev.crossing),
-            amount_today=sum(int(v) for k, v in today.items() if _s(k) != ev.crossing),
+            declines=int(text(raw[0]) or 0) if raw[0] else 0,
+            decline_until=float(text(raw[1]) or 0) if raw[1] else 0.0,
+            topups_today=sum(1 for k in today if text(k) != ev.crossing),
+            amount_today=sum(int(v) for k, v in today.items() if text(k) != ev.crossing),
             started_amount=int(record) if record else 0)
 
     async def _topup(self, acct: Account, ev: Event, decision: Decision, now: float) -> bool:
@@ -380,10 +352,6 @@ def _advice(reason: str) -> str:
     if "limit" in reason:
         return "top up manually; automatic top-ups resume tomorrow"
     return "please top up manually"
-
-
-def _s(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 async def run(store: Store, stop: asyncio.Event) -> None:

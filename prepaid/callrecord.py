@@ -23,9 +23,10 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from prepaid import lua
 from prepaid.errors import StoreUnavailable
-from prepaid.ledger import REDIS_ERRORS, RedisClient
 from prepaid.rating import Rate
+from prepaid.redis_client import REDIS_ERRORS, RedisClient, text
 
 EXPIRY_MARGIN = 3600
 FINISHED_TTL = 7 * 86400  # a settled call not yet in the account's history waits this long
@@ -33,38 +34,6 @@ ENDED_TTL = 3600
 # The prompt Asterisk plays a minute before a call's credit ends: the AGI names it for
 # Dial's L() and the listener for its ChanSpy whisper.
 WARNING_FILE = "prepaid/credit-expires-in-one-minute"
-
-# One key each: scripts, not MULTI, so they run alike on a single Redis and a Cluster.
-# A record is written once: a live call's record (and so the hold it names) is never
-# replaced by another authorization reusing its uniqueid.
-_WRITE_LUA = """
-if redis.call('EXISTS', KEYS[1]) == 1 then
-  return redis.call('HMGET', KEYS[1], 'account', 'state')
-end
-redis.call('HSET', KEYS[1], unpack(ARGV, 2))
-redis.call('EXPIRE', KEYS[1], ARGV[1])
-return 1
-"""
-_STATE_LUA = """
-redis.call('HSET', KEYS[1], 'state', ARGV[1])
-redis.call('EXPIRE', KEYS[1], ARGV[2])
-return 1
-"""
-# A finished call is written in three steps of one cluster slot each, every one safe to
-# repeat (ami_listener/meter.py): 1. the record keeps the first finisher's settlement;
-_FINISH_LUA = """
-redis.call('HSETNX', KEYS[1], 'finished', ARGV[1])
-redis.call('HSETNX', KEYS[1], 'settlement', ARGV[2])
-redis.call('EXPIRE', KEYS[1], ARGV[3])
-return redis.call('HGET', KEYS[1], 'settlement')
-"""
-# 2. the account's history logs it; 3. the record is marked ended. Recovery completes a
-# record left 'finished' but not 'ended' by a crash.
-_ENDED_LUA = """
-redis.call('HSET', KEYS[1], 'state', 'ended', 'logged', ARGV[1])
-redis.call('EXPIRE', KEYS[1], ARGV[2])
-return 1
-"""
 
 
 def record_key(prefix: str, ref: str) -> str:
@@ -129,20 +98,20 @@ async def write(client: RedisClient, prefix: str, record: CallRecord) -> None:
     key = record_key(prefix, record.uniqueid)
     fields = [x for kv in record.to_hash().items() for x in kv]
     try:
-        done = await client.register_script(_WRITE_LUA)(
+        done = await client.register_script(lua.CALL_WRITE)(
             keys=[key], args=[str(record.max_seconds + EXPIRY_MARGIN), *fields])
     except REDIS_ERRORS as exc:
         raise StoreUnavailable(f"Redis is unavailable writing call {record.uniqueid}: {exc}"
                                ) from exc
     if isinstance(done, list):
-        account, state = (_text(v) if v is not None else "" for v in done)
+        account, state = (text(v) if v is not None else "" for v in done)
         raise RecordExists(record.uniqueid, account, state)
 
 
 async def released(client: RedisClient, prefix: str, ref: str) -> None:
     """The caller hung up (or the AGI gave up) during authorization: the hold is back."""
     try:
-        await client.register_script(_STATE_LUA)(
+        await client.register_script(lua.CALL_STATE)(
             keys=[record_key(prefix, ref)], args=["released", str(EXPIRY_MARGIN)])
     except REDIS_ERRORS as exc:
         raise StoreUnavailable(f"Redis is unavailable updating call {ref}: {exc}") from exc
@@ -163,15 +132,15 @@ async def note_cdr(client: RedisClient, prefix: str, ref: str, billsec: int) -> 
 
 async def finish(client: RedisClient, prefix: str, ref: str, settlement: str) -> str | None:
     """Keep ``settlement`` (JSON) unless another finisher came first; return the kept one."""
-    stored = await _call(client.register_script(_FINISH_LUA)(
+    stored = await _call(client.register_script(lua.CALL_FINISH)(
         keys=[record_key(prefix, ref)], args=[f"{time.time():.3f}", settlement,
                                               str(FINISHED_TTL)]))
-    return _text(stored) if isinstance(stored, (bytes, str)) else None
+    return text(stored) if isinstance(stored, (bytes, str)) else None
 
 
 async def ended(client: RedisClient, prefix: str, ref: str, now: str) -> None:
     """The settlement is in the account's history (logged at ``now``)."""
-    await _call(client.register_script(_ENDED_LUA)(keys=[record_key(prefix, ref)],
+    await _call(client.register_script(lua.CALL_ENDED)(keys=[record_key(prefix, ref)],
                                                    args=[now, str(ENDED_TTL)]))
 
 
@@ -182,7 +151,7 @@ async def read(client: RedisClient, prefix: str, ref: str) -> CallRecord | None:
         raise StoreUnavailable(f"Redis is unavailable reading call {ref}: {exc}") from exc
     if not raw:
         return None
-    return CallRecord.from_hash({_text(k): _text(v) for k, v in raw.items()})
+    return CallRecord.from_hash({text(k): text(v) for k, v in raw.items()})
 
 
 async def _call(pending: Any) -> Any:
@@ -191,6 +160,3 @@ async def _call(pending: Any) -> Any:
     except REDIS_ERRORS as exc:
         raise StoreUnavailable(f"Redis is unavailable: {exc}") from exc
 
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value

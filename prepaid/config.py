@@ -20,6 +20,7 @@ from prepaid.errors import ConfigError, InputError
 from prepaid.inputs import check_email
 from prepaid.money import check_currency, currency_decimals, parse_amount
 from prepaid.ratedeck import Normalisation
+from prepaid.redis_client import mask_url
 
 ENV_CONFIG = "PREPAID_CONFIG"
 DEFAULT_PATHS = (Path("/etc/asterisk-prepaid/prepaid.toml"),)
@@ -40,7 +41,7 @@ class RedisSettings:
     @property
     def safe_url(self) -> str:
         """The URL without its password, for messages and logs."""
-        return re.sub(r"//([^:@/]*):[^@/]*@", r"//\1:***@", self.url)
+        return mask_url(self.url)
 
 
 @dataclass(frozen=True)

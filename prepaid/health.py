@@ -19,29 +19,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from prepaid import metrics
+from prepaid import lua, metrics
 from prepaid.config import Settings
 from prepaid.errors import StoreUnavailable
-from prepaid.ledger import REDIS_ERRORS, RedisClient
 from prepaid.outage import OutageLog
+from prepaid.redis_client import REDIS_ERRORS, RedisClient, text
 
 log = logging.getLogger(__name__)
 
 STATES = ("up", "behind", "down")
 MISSING = "missing"  # no key: the listener never beat, or not for longer than its TTL
-
-# One key each, so both run alike on a single Redis and on a Cluster.
-_BEAT_LUA = """
-local t = redis.call('TIME')
-redis.call('HSET', KEYS[1], 'state', ARGV[1], 'backlog', ARGV[2],
-           'at', string.format('%d.%06d', t[1], t[2]))
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
-return 1
-"""
-_READ_LUA = """
-local t = redis.call('TIME')
-return {t[1], t[2], redis.call('HGETALL', KEYS[1])}
-"""
 
 
 def meter_key(prefix: str, system_name: str) -> str:
@@ -54,7 +41,7 @@ async def beat(redis: RedisClient, prefix: str, system_name: str, *, state: str,
     if state not in STATES:
         raise ValueError(f"metering state {state!r} is not one of {', '.join(STATES)}")
     try:
-        await redis.register_script(_BEAT_LUA)(
+        await redis.register_script(lua.METER_BEAT)(
             keys=[meter_key(prefix, system_name)],
             args=[state, str(max(0, backlog)), str(max(1, int(ttl * 1000)))])
     except REDIS_ERRORS as exc:
@@ -108,13 +95,9 @@ class MeterBeat:
         return self.state != MISSING
 
 
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
 def _parse(system_name: str, reply: Any) -> MeterBeat:
     now = int(reply[0]) + int(reply[1]) / 1e6
-    flat = [_text(x) for x in reply[2]]
+    flat = [text(x) for x in reply[2]]
     fields = dict(zip(flat[::2], flat[1::2], strict=True))
     if not fields:
         return MeterBeat(system_name, MISSING)
@@ -132,7 +115,7 @@ def _parse(system_name: str, reply: Any) -> MeterBeat:
 async def read_beat(redis: RedisClient, prefix: str, system_name: str) -> MeterBeat:
     """One round trip: the hash and Redis' time. Raises StoreUnavailable."""
     try:
-        reply = await redis.register_script(_READ_LUA)(keys=[meter_key(prefix, system_name)])
+        reply = await redis.register_script(lua.METER_READ)(keys=[meter_key(prefix, system_name)])
     except REDIS_ERRORS as exc:
         raise StoreUnavailable(f"Redis is unavailable reading the metering heartbeat: {exc}"
                                ) from exc
@@ -144,7 +127,7 @@ async def read_all(redis: RedisClient, prefix: str, also: str | None = None) -> 
     ``also`` (this config's server) even when it has none."""
     head = f"{prefix}:meter:"
     try:
-        names = {_text(k)[len(head):] async for k in redis.scan_iter(match=f"{head}*",
+        names = {text(k)[len(head):] async for k in redis.scan_iter(match=f"{head}*",
                                                                      count=1000)}
     except REDIS_ERRORS as exc:
         raise StoreUnavailable(f"Redis is unavailable listing metering heartbeats: {exc}"

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 from prepaid import callrecord
 from prepaid.errors import LedgerError, StoreUnavailable
-from prepaid.ledger import REDIS_ERRORS, Change, Ledger
+from prepaid.ledger import Change, Ledger
+from prepaid.redis_client import REDIS_ERRORS
 
 log = logging.getLogger(__name__)
 

@@ -13,49 +13,24 @@ import logging
 import re
 import time
 from dataclasses import dataclass
-from importlib import resources
-from typing import Any, TypeAlias
+from typing import Any
 
-import redis.asyncio as aioredis
-from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import RedisClusterException, RedisError
-
+from prepaid import lua
 from prepaid.errors import InputError, LedgerError, StoreUnavailable, UnknownAccount
 from prepaid.inputs import check_email
 from prepaid.money import check_currency, format_amount
 from prepaid.outage import OutageLog
+from prepaid.redis_client import REDIS_ERRORS, RedisClient, text
 
 log = logging.getLogger(__name__)
 
-# What connect() returns.  Every command and script the project sends names keys of one
-# cluster slot, so the same calls work on a single Redis, through Sentinel and on a Cluster.
-RedisClient: TypeAlias = aioredis.Redis | RedisCluster
-# What a Redis outage raises.  The cluster client also raises RedisClusterException (not a
-# RedisError) when no node answers or a slot has no primary, as during a failover.
-REDIS_ERRORS: tuple[type[Exception], ...] = (RedisError, RedisClusterException, OSError)
-
 _ACCOUNT_RE = re.compile(r"[A-Za-z0-9_.+@-]{1,64}")  # fullmatch: "$" allows a newline
-_LEDGER_LUA = resources.files("prepaid").joinpath("ledger.lua").read_text()
 
-_CREATE_LUA = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-redis.call('HSET', KEYS[1], 'id', ARGV[1], 'currency', ARGV[2], 'email', ARGV[3],
-  'status', 'active', 'balance', '0', 'held', '0', 'created', ARGV[4],
-  'threshold', ARGV[5], 'action', ARGV[6], 'topup_amount', ARGV[7], 'policy_enabled', ARGV[8])
-redis.call('XADD', KEYS[2], '*', 'kind', 'open', 'amount', '0', 'balance', '0', 'held', '0',
-  'ref', 'account created', 'hold', '', 'key', '')
-return 1
-"""
 
 # Fields an admin may change without touching money; balance and held are ledger-only.
 _SETTABLE = {"email", "status", "threshold", "action", "topup_amount", "policy_enabled",
              "card_token", "card_brand", "card_last4", "card_exp", "declines",
              "decline_until"}
-_UPDATE_LUA = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-redis.call('HSET', KEYS[1], unpack(ARGV))
-return 1
-"""
 
 
 def check_account_id(account: str) -> str:
@@ -156,9 +131,9 @@ class Ledger:
         self.redis = client
         self.prefix = prefix
         self.url = url
-        self._ledger = client.register_script(_LEDGER_LUA)
-        self._create = client.register_script(_CREATE_LUA)
-        self._update = client.register_script(_UPDATE_LUA)
+        self._ledger = client.register_script(lua.LEDGER)
+        self._create = client.register_script(lua.CREATE_ACCOUNT)
+        self._update = client.register_script(lua.UPDATE_ACCOUNT)
         self.forward_outage = OutageLog(log, "Redis (forwarding crossings to the outbox)")
 
     # -- keys --------------------------------------------------------------
@@ -283,7 +258,7 @@ class Ledger:
         end = f"{int((time.time() - min_age) * 1000)}"
         moved = start = 0
         while True:
-            ids = [_text(i) for i in await self._call(
+            ids = [text(i) for i in await self._call(
                 self.redis.zrange(self.index_key, start, start + batch - 1))]
             if not ids:
                 return moved
@@ -339,10 +314,6 @@ class Ledger:
         return await self._apply("release", account, 0, key=key, ref=ref, hold=hold)
 
 
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
 _MESSAGES = {
     "NO_CREDIT": "account {account!r} has too little available credit",
     "SUSPENDED": "account {account!r} is suspended",
@@ -352,76 +323,3 @@ _MESSAGES = {
     "BAD_AMOUNT": "amount must be a positive number of micro-units",
     "OVERFLOW": "balance of {account!r} would be too large",
 }
-
-
-def connect(url: str, timeout: float = 2.0, max_connections: int = 256) -> RedisClient:
-    """A client for ``redis://``, ``rediss://``, ``unix://``, ``redis+sentinel://`` or
-    ``redis+cluster://`` URLs.
-
-    Sentinel URLs name the sentinels and the service:
-    ``redis+sentinel://[:password@]host:port[,host:port...]/service[/db]``; the client
-    follows the primary across failovers.  Cluster URLs name one or more nodes to discover
-    the cluster from: ``redis+cluster://[:password@]host:port[,host:port...]``; the client
-    follows slot moves and failovers.  Its commands are those of ``redis.asyncio.Redis``
-    for the keys of one slot, so it is typed as that (see docs/design.md, Redis keys).
-    """
-    if url.startswith("redis+sentinel://"):
-        return _sentinel_client(url, timeout)
-    if url.startswith("redis+cluster://"):
-        return _cluster_client(url, timeout)
-    # A burst past the pool size waits for a free connection (up to ``timeout``) instead
-    # of failing at once as redis-py's default pool does.
-    pool = aioredis.BlockingConnectionPool.from_url(
-        url, max_connections=max_connections, timeout=timeout, socket_timeout=timeout,
-        socket_connect_timeout=timeout)
-    return aioredis.Redis.from_pool(pool)
-
-
-def _hosts(url: str, part: str, what: str) -> list[tuple[str, int]]:
-    hosts: list[tuple[str, int]] = []
-    for item in part.split(","):
-        host, _, port = item.rpartition(":")
-        if not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise InputError(f"{what} address {item!r} in {_safe(url)!r} must be HOST:PORT")
-        hosts.append((host.strip("[]"), int(port)))
-    return hosts
-
-
-def _safe(url: str) -> str:
-    return re.sub(r"//([^:@/]*):[^@/]*@", r"//\1:***@", url)
-
-
-def _cluster_client(url: str, timeout: float) -> RedisCluster:
-    from redis.asyncio.cluster import ClusterNode, RedisCluster
-
-    rest = url[len("redis+cluster://"):]
-    auth, _, rest = rest.rpartition("@")
-    hosts_part, _, path = rest.partition("/")
-    if not hosts_part or path.strip("0"):
-        raise InputError(f"cluster URL {_safe(url)!r} must be redis+cluster://host:port"
-                         "[,host:port...] (a cluster has no database number)")
-    user, _, password = auth.partition(":")
-    client = RedisCluster(
-        startup_nodes=[ClusterNode(h, p) for h, p in _hosts(url, hosts_part, "cluster node")],
-        username=user or None, password=password or None, socket_timeout=timeout,
-        socket_connect_timeout=timeout)
-    return client
-
-
-def _sentinel_client(url: str, timeout: float) -> aioredis.Redis:
-    from redis.asyncio.sentinel import Sentinel
-
-    rest = url[len("redis+sentinel://"):]
-    auth, _, rest = rest.rpartition("@")
-    hosts_part, _, path = rest.partition("/")
-    service, _, db = path.partition("/")
-    if not hosts_part or not service:
-        raise InputError(f"sentinel URL {url!r} must be redis+sentinel://host:port/service")
-    hosts = _hosts(url, hosts_part, "sentinel")
-    password = auth.partition(":")[2] or None
-    options = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
-    sentinel = Sentinel(hosts, sentinel_kwargs=options, **options)  # type: ignore[no-untyped-call]
-    client: aioredis.Redis = sentinel.master_for(
-        service, password=password, db=int(db or 0), socket_timeout=timeout,
-        socket_connect_timeout=timeout)
-    return client

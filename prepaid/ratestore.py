@@ -16,10 +16,11 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from prepaid import lua
 from prepaid.errors import NoRateDeck, RateError, StoreUnavailable
-from prepaid.ledger import REDIS_ERRORS, RedisClient
 from prepaid.ratedeck import Normalisation, RateDeck
 from prepaid.rating import Rate
+from prepaid.redis_client import REDIS_ERRORS, RedisClient, text
 
 log = logging.getLogger(__name__)
 
@@ -27,27 +28,6 @@ STAGING_TTL = 3600  # seconds an interrupted import's hash is kept
 BATCH = 5000  # rows per round trip while importing: bounds the memory an import takes
 EXAMPLES = 5  # rows of each kind a dry run shows
 MARKER = ""  # the field every deck hash holds: its absence means "no such deck"
-
-# A new version number above both the counter and the active version (decks imported by
-# an older release counted in the version key alone).
-_NEXT_LUA = """
-local n = redis.call('INCR', KEYS[1])
-local v = tonumber(redis.call('GET', KEYS[2]) or '0')
-if n <= v then n = v + 1; redis.call('SET', KEYS[1], n) end
-return n
-"""
-# Make the staged deck the active one; returns the version it replaced (to delete).
-_SWAP_LUA = """
-if redis.call('HEXISTS', KEYS[1], '') == 0 then return false end
-redis.call('PERSIST', KEYS[1])
-local old = redis.call('GET', KEYS[2]) or '0'
-redis.call('SET', KEYS[2], ARGV[1])
-return old
-"""
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 def _rate(raw: bytes | str) -> Rate:
@@ -90,8 +70,8 @@ class RateStore:
         self.version_key = f"{self._base}:version"
         self.legacy_key = f"{self._base}:deck"  # the one hash of releases before versions
         self._next_key = f"{self._base}:next"
-        self._next = client.register_script(_NEXT_LUA)
-        self._swap = client.register_script(_SWAP_LUA)
+        self._next = client.register_script(lua.NEXT_RATES_VERSION)
+        self._swap = client.register_script(lua.SWAP_RATES)
         self._version: int | None = None
         self._cached: tuple[int, RateDeck] | None = None
 
@@ -153,7 +133,7 @@ class RateStore:
         while True:
             cursor, chunk = await self._call(self.redis.hscan(key, cursor, count=BATCH))
             for k, v in chunk.items():
-                if _text(k) != MARKER:
+                if text(k) != MARKER:
                     yield _rate(v)
             if cursor == 0:
                 break
@@ -249,7 +229,7 @@ class RateStore:
             if old is None:
                 report.added += 1
                 report.note("added", f"{prefix} {rate.name}")
-            elif _text(old) != mapping[prefix]:
+            elif text(old) != mapping[prefix]:
                 report.changed += 1
                 report.note("changed", f"{prefix} {_rate(old).name} -> {rate.name}"
                             if _rate(old).name != rate.name else f"{prefix} {rate.name}")
@@ -266,7 +246,7 @@ class RateStore:
         while report.removed and len(report.examples["removed"]) < min(EXAMPLES,
                                                                          report.removed):
             cursor, chunk = await self._call(self.redis.hscan(old_key, cursor, count=BATCH))
-            rows = {_text(k): v for k, v in chunk.items() if _text(k) != MARKER}
+            rows = {text(k): v for k, v in chunk.items() if text(k) != MARKER}
             if rows:
                 present = await self._call(self.redis.hmget(staging, list(rows)))
                 for (prefix, raw), now in zip(rows.items(), present, strict=True):

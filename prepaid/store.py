@@ -6,8 +6,9 @@ from dataclasses import dataclass
 
 from prepaid.config import Settings
 from prepaid.errors import StoreUnavailable
-from prepaid.ledger import REDIS_ERRORS, Ledger, RedisClient, connect
+from prepaid.ledger import Ledger
 from prepaid.ratestore import RateStore
+from prepaid.redis_client import REDIS_ERRORS, RedisClient, connect
 
 
 @dataclass(frozen=True)

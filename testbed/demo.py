@@ -34,10 +34,11 @@ from rich.table import Table
 
 from prepaid.callrecord import record_key
 from prepaid.config import load
-from prepaid.ledger import Ledger, RedisClient, connect
+from prepaid.ledger import Ledger
 from prepaid.money import format_amount
 from prepaid.ratedeck import Normalisation, parse_csv
 from prepaid.rating import cost
+from prepaid.redis_client import RedisClient, connect
 from testbed.ami import Ami, Message
 from testbed.pbx import (
     Pbx,

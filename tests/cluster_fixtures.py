@@ -17,7 +17,8 @@ from typing import Any
 import pytest
 
 from prepaid import config
-from prepaid.ledger import Ledger, connect
+from prepaid.ledger import Ledger
+from prepaid.redis_client import connect
 from prepaid.store import Store, open_store
 from testbed.cluster import Cluster, ClusterUnsupported
 

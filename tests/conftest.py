@@ -4,7 +4,8 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
-from prepaid.ledger import Ledger, connect
+from prepaid.ledger import Ledger
+from prepaid.redis_client import connect
 from testbed.servers import RedisServer
 
 

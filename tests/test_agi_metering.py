@@ -18,8 +18,8 @@ import pytest
 import prepaid.health as health
 from agi.server import AgiServer
 from prepaid.health import MeterBeat, MeteringGate, beat, judge, meter_key, read_beat
-from prepaid.ledger import RedisClient, connect
 from prepaid.ratedeck import parse_csv
+from prepaid.redis_client import RedisClient, connect
 from prepaid.store import Store
 from testbed.agi_peer import DENY_TAIL, GET_CALLER, AgiPeer, agi_env, variable_commands
 from testbed.replies import fields

@@ -10,8 +10,9 @@ import pytest
 
 from ami_listener.meter import Meter
 from ami_listener.runners import replay
-from prepaid.ledger import Ledger, connect
+from prepaid.ledger import Ledger
 from prepaid.rating import cost
+from prepaid.redis_client import connect
 from testbed.ami_peer import FIXTURES, PER_SECOND, authorize, load, open_account
 from testbed.servers import RedisServer, free_port
 

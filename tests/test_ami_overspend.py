@@ -15,8 +15,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ami_listener.tracker import US
-from prepaid.ledger import Ledger, connect
+from prepaid.ledger import Ledger
 from prepaid.rating import Rate, block_cost, cost
+from prepaid.redis_client import connect
 from testbed.ami_peer import authorize, open_account, recording_meter
 
 T0 = 1_800_000_000 * US

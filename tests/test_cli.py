@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 from prepaid.health import beat
-from prepaid.ledger import connect
+from prepaid.redis_client import connect
 from shell.cli import main
 from testbed.servers import free_port
 

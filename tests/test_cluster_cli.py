@@ -9,8 +9,9 @@ import json
 
 from ami_listener.meter import Meter
 from ami_listener.runners import replay
-from prepaid.ledger import Ledger, connect
+from prepaid.ledger import Ledger
 from prepaid.rating import cost
+from prepaid.redis_client import connect
 from testbed.ami_peer import PER_SECOND, authorize, load, open_account
 from tests import test_cli as single_redis
 from tests.cluster_fixtures import cluster, cluster_url, redis_url, reused_tests  # noqa: F401

@@ -15,7 +15,8 @@ from collections.abc import Iterator
 import pytest
 
 from prepaid.errors import StoreUnavailable
-from prepaid.ledger import Ledger, connect
+from prepaid.ledger import Ledger
+from prepaid.redis_client import connect
 from testbed.cluster import Cluster, ClusterUnsupported
 from testbed.replies import entries
 

@@ -15,9 +15,10 @@ from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 
 from prepaid.errors import InputError, StoreUnavailable
-from prepaid.ledger import Ledger, connect
+from prepaid.ledger import Ledger
 from prepaid.ratedeck import Normalisation, parse_csv
 from prepaid.ratestore import RateStore
+from prepaid.redis_client import connect
 from testbed.cluster import Cluster
 from testbed.replies import entries
 from tests import test_ledger as single_redis

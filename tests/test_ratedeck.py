@@ -68,7 +68,7 @@ def test_unreadable_file(tmp_path: Path) -> None:
 
 async def test_import_replaces_the_whole_deck_and_services_see_it(ledger: object,
                                                                   redis_url: str) -> None:
-    from prepaid.ledger import connect
+    from prepaid.redis_client import connect
     client = connect(redis_url)
     store, other = RateStore(client), RateStore(client)
     with pytest.raises(RateError, match="no rate deck imported"):

@@ -15,9 +15,9 @@ import pytest
 from click.testing import CliRunner, Result
 
 from prepaid.errors import RateError
-from prepaid.ledger import connect
 from prepaid.ratedeck import Normalisation, iter_csv, parse_csv
 from prepaid.ratestore import RateStore
+from prepaid.redis_client import connect
 from shell.cli import main
 
 Run = Callable[..., Result]

@@ -14,7 +14,8 @@ import pytest
 import redis
 
 from prepaid.errors import StoreUnavailable
-from prepaid.ledger import Ledger, connect
+from prepaid.ledger import Ledger
+from prepaid.redis_client import connect
 from testbed.replies import entries
 from testbed.servers import RedisServer, free_port
 

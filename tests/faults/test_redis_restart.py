@@ -14,10 +14,11 @@ import redis
 
 from ami_listener.commands import recent_calls
 from prepaid import callrecord
-from prepaid.ledger import Ledger, connect
+from prepaid.ledger import Ledger
 from prepaid.ratedeck import parse_csv
 from prepaid.ratestore import RateStore
 from prepaid.rating import cost
+from prepaid.redis_client import connect
 from shell.serve import run_services
 from testbed.agi_peer import AgiPeer, agi_env
 from testbed.ami_peer import FIXTURES, PER_SECOND, AmiPeer, load, wait_until
