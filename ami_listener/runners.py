@@ -297,7 +297,7 @@ class LiveRunner:
         with contextlib.suppress(TimeoutError):  # an idle PBX sends no channel event
             await asyncio.wait_for(self._clock_known.wait(), CLOCK_WAIT_SECONDS)
         began = time.monotonic()
-        while True:
+        while not self._ending:  # a cancellation swallowed below still ends the loop
             await asyncio.sleep(self.tick)
             # Late when the loop is starved or the last tick's ledger calls took long.
             now = time.monotonic()
