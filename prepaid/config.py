@@ -86,7 +86,7 @@ class AmiSettings:
     queue_size: int = 20_000
     # Metering counts as behind (new calls refused, ERROR NO_METERING) once it meters events,
     # or pays blocks, this many seconds late: a call allowed then would be metered late.
-    behind_seconds: float = 2.0
+    behind_seconds: float = 10.0
     # How often the listener gives back holds of this server's calls that nobody meters
     # (their record released or gone, or older than [billing] max_call_seconds + 1 h).
     reap_seconds: float = 60.0
@@ -109,7 +109,7 @@ class AgiSettings:
     max_connections_per_client: int = 500
     # While an authorization in progress has taken longer than this, new calls are refused
     # at once (ERROR, BUSY) instead of waiting out `timeout` on an overloaded server.
-    busy_seconds: float = 2.0
+    busy_seconds: float = 2.5
     # Refuse new calls (ERROR, NO_METERING) once this server's metering has been away, or
     # behind, for longer than this; allow_unmetered = true lets them through unbilled.
     metering_stale_seconds: float = 5.0
