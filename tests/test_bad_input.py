@@ -6,7 +6,6 @@ Each case was accepted (or gave a traceback) before; the good input next to it s
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -15,21 +14,10 @@ from click.testing import CliRunner, Result
 from prepaid.inputs import check_email
 from prepaid.ratedeck import parse_csv
 from shell.cli import main
+from tests.conftest import Run
 
-Run = Callable[..., Result]
 HEADER = "prefix,name,price_per_minute,connect_fee,initial_increment,increment\n"
 DECK = HEADER + "353,Ireland,0.0123,0,60,60\n"
-
-
-@pytest.fixture
-def run(redis_url: str, tmp_path: Path) -> Run:
-    conf = tmp_path / "prepaid.toml"
-    conf.write_text(f'[redis]\nurl = "{redis_url}"\n[billing]\ncurrency = "EUR"\n'
-                    '[policy]\nmax_topup = "100"\n')
-
-    def invoke(*args: str) -> Result:
-        return CliRunner().invoke(main, ["--config", str(conf), *args], catch_exceptions=False)
-    return invoke
 
 
 def refused(r: Result, *words: str) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -14,24 +13,12 @@ from prepaid.health import beat
 from prepaid.redis_client import connect
 from shell.cli import main
 from testbed.servers import free_port
-
-Run = Callable[..., Result]
+from tests.conftest import Run
 
 DECK = """prefix,name,price_per_minute,connect_fee,initial_increment,increment
 353,Ireland,0.0123,0,60,60
 44,United Kingdom,0.02,0.05,1,1
 """
-
-
-@pytest.fixture
-def run(redis_url: str, tmp_path: Path) -> Run:
-    conf = tmp_path / "prepaid.toml"
-    conf.write_text(f'[redis]\nurl = "{redis_url}"\n[billing]\ncurrency = "EUR"\n'
-                    '[policy]\nmax_topup = "100"\n')
-
-    def invoke(*args: str) -> Result:
-        return CliRunner().invoke(main, ["--config", str(conf), *args], catch_exceptions=False)
-    return invoke
 
 
 def test_account_topup_balance_history(run: Run) -> None:

@@ -15,8 +15,8 @@ from prepaid.redis_client import connect
 from testbed.ami_peer import PER_SECOND, authorize, load, open_account
 from tests import test_cli as single_redis
 from tests.cluster_fixtures import cluster, cluster_url, redis_url, reused_tests  # noqa: F401
+from tests.conftest import Run, run  # noqa: F401
 from tests.test_ami_meter import SHARED, START
-from tests.test_cli import Run, run  # noqa: F401
 
 _REUSED = reused_tests(single_redis)
 assert len(_REUSED) >= 6, "tests/test_cli.py changed shape"

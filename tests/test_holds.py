@@ -6,25 +6,21 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner, Result
 
 from ami_listener.meter import Meter
 from prepaid import callrecord
 from prepaid.callrecord import CallRecord, hold_id, record_key
 from prepaid.ledger import Ledger
 from prepaid.rating import Rate
-from shell.cli import main
+from tests.conftest import Run, cli
 
 EUR = 1_000_000
 RATE = Rate(prefix="44", name="United Kingdom", per_minute=12_000, connect_fee=0, initial=30,
             increment=6)
 
-
-Run = Callable[..., Result]
 
 
 @pytest.fixture
@@ -77,10 +73,7 @@ async def test_the_reaper_gives_back_only_this_servers_orphaned_holds(funded: Le
 def run(redis_url: str, tmp_path: Path) -> Run:
     conf = tmp_path / "prepaid.toml"
     conf.write_text(f'[redis]\nurl = "{redis_url}"\n')
-
-    def invoke(*args: str) -> Result:
-        return CliRunner().invoke(main, ["--config", str(conf), *args], catch_exceptions=False)
-    return invoke
+    return cli(conf)
 
 
 async def test_prepaid_holds_lists_and_releases_once(funded: Ledger, run: Run) -> None:

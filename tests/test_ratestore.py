@@ -8,19 +8,16 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner, Result
 
 from prepaid.errors import RateError
 from prepaid.ratedeck import Normalisation, iter_csv, parse_csv
 from prepaid.ratestore import RateStore
 from prepaid.redis_client import connect
-from shell.cli import main
+from tests.conftest import Run, cli
 
-Run = Callable[..., Result]
 HEADER = "prefix,name,price_per_minute,connect_fee,initial_increment,increment\n"
 DECK = HEADER + ("353,Ireland,0.0123,0,60,60\n3538,Ireland mobile,0.05,0.01,30,6\n"
                  "44,United Kingdom,0.02,0,1,1\n")
@@ -38,10 +35,7 @@ def big_deck(rows: int, price: str = "0.01") -> str:
 def run(redis_url: str, tmp_path: Path) -> Run:
     conf = tmp_path / "prepaid.toml"
     conf.write_text(f'[redis]\nurl = "{redis_url}"\n[billing]\ncurrency = "EUR"\n')
-
-    def invoke(*args: str) -> Result:
-        return CliRunner().invoke(main, ["--config", str(conf), *args], catch_exceptions=False)
-    return invoke
+    return cli(conf)
 
 
 async def commands(client: object) -> dict[str, int]:
