@@ -30,7 +30,7 @@ _ACCOUNT_RE = re.compile(r"[A-Za-z0-9_.+@-]{1,64}")  # fullmatch: "$" allows a n
 # Fields an admin may change without touching money; balance and held are ledger-only.
 _SETTABLE = {"email", "status", "threshold", "action", "topup_amount", "policy_enabled",
              "card_token", "card_brand", "card_last4", "card_exp", "declines",
-             "decline_until"}
+             "decline_until", "pin"}
 
 
 def check_account_id(account: str) -> str:

@@ -125,3 +125,14 @@ redis.call('EXPIRE', KEYS[1], ARGV[5])
 redis.call('XADD', KEYS[2], '*', 'id', ARGV[1], 'to', ARGV[2], 'message', ARGV[3])
 return 1
 """
+
+# -- self-service PINs (prepaid/pins.py) --------------------------------------------------------
+# Count an attempt before the PIN is checked, so parallel guesses are counted too: returns
+# -ttl while locked out, else the attempts in this window (the caller clears them on success).
+PIN_ATTEMPT = """
+local n = tonumber(redis.call('GET', KEYS[1]) or '0')
+if n >= tonumber(ARGV[1]) then return -redis.call('TTL', KEYS[1]) end
+n = redis.call('INCR', KEYS[1])
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+return n
+"""

@@ -33,6 +33,7 @@ from prepaid.errors import InputError, PrepaidError, RateError
 from prepaid.inputs import check_email, check_reference
 from prepaid.ledger import Account, Change, Entry, account_json, check_account_id
 from prepaid.money import check_currency, format_amount, parse_amount
+from prepaid.pins import check_pin, set_pin
 from prepaid.ratedeck import CSV_COLUMNS, iter_csv, load_csv, rate_row, read_lines
 from prepaid.rating import Rate, billed_seconds, cost
 from prepaid.store import Store, open_store
@@ -204,6 +205,22 @@ def account_suspend(obj: Context, account_id: str) -> None:
 def account_resume(obj: Context, account_id: str) -> None:
     """Let a suspended account call again."""
     _set_status(obj, account_id, "active")
+
+
+@account.command("pin")
+@click.argument("account_id")
+@click.option("--clear", is_flag=True, help="Remove the PIN (self-service is then closed).")
+@pass_ctx
+def account_pin(obj: Context, account_id: str, clear: bool) -> None:
+    """Set the self-service PIN of ACCOUNT_ID (phone menu and web page), asked twice and
+    not echoed; read from standard input when it is not a terminal."""
+    pin: str | None = None
+    if not clear:
+        pin = (click.prompt("New PIN", hide_input=True, confirmation_prompt=True)
+               if sys.stdin.isatty() else sys.stdin.readline().strip())
+        check_pin(pin)
+    obj.run(lambda st: set_pin(st.ledger, account_id, pin))
+    click.echo(f"account {account_id}: PIN {'cleared' if clear else 'set'}")
 
 
 # -- money ------------------------------------------------------------------
