@@ -31,7 +31,8 @@ async def test_admin_sets_a_pin_that_is_stored_hashed_and_checked(ledger: Ledger
     await ledger.create_account("2001", currency="EUR")
     r = await asyncio.to_thread(_pin, conf, "2001", stdin="4711\n")
     assert r.exit_code == 0 and "PIN set" in r.output and "4711" not in r.output
-    stored = str(await ledger.redis.hget(ledger.account_key("2001"), "pin"))
+    raw = await ledger.redis.hget(ledger.account_key("2001"), "pin")
+    stored = raw.decode() if isinstance(raw, bytes) else str(raw)
     assert stored.startswith("scrypt$") and "4711" not in stored
     assert await pins.verify_pin(ledger, "2001", "4711") is PinCheck.OK
     assert await pins.verify_pin(ledger, "2001", "4712") is PinCheck.WRONG
