@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import percentile
+from prepaid import keys
 from prepaid.ledger import Ledger
 from prepaid.redis_client import connect
 from testbed.ami import Ami, Message
@@ -162,7 +163,7 @@ async def concurrent_calls(rig: Rig, ami: Ami) -> dict[str, Any]:
     hangups = await wait_all(ami, refs, "Hangup", CALL_SECONDS + 30)
     deadline = time.monotonic() + 20
     while True:  # metering settles each call: its record's state becomes 'ended'
-        states = [await client.hget(f"prepaid:callref:{r}", "state") for r in refs]
+        states = [await client.hget(keys.call_record("prepaid", r), "state") for r in refs]
         if all(s == b"ended" for s in states) or time.monotonic() > deadline:
             break
         await asyncio.sleep(0.05)

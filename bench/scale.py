@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import percentile
+from prepaid import keys
 from prepaid.errors import StoreUnavailable
 from prepaid.ledger import Ledger
 from prepaid.ratedeck import Normalisation, parse_csv
@@ -283,7 +284,7 @@ async def one_call(server: Server, account: str, client: RedisClient) -> CallRes
             return result
         finally:
             server.in_flight -= 1
-    key = f"prepaid:callref:{result.uid}"
+    key = keys.call_record("prepaid", result.uid)
     deadline = time.monotonic() + 30
     while True:  # metering settles the call: its record's state becomes 'ended'
         with contextlib.suppress(StoreUnavailable, *REDIS_ERRORS):

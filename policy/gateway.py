@@ -13,6 +13,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
+from prepaid import keys
 from prepaid.errors import PrepaidError
 from prepaid.redis_client import REDIS_ERRORS, RedisClient
 
@@ -70,7 +71,7 @@ class SandboxGateway:
         self.prefix = prefix
 
     def charges_key(self, account: str) -> str:
-        return f"{self.prefix}:{{acct:{account}}}:sandbox-charges"
+        return keys.sandbox_charges(self.prefix, account)
 
     async def charge(self, account: str, token: str, amount_micros: int, currency: str,
                      idempotency_key: str) -> ChargeResult:

@@ -30,7 +30,7 @@ import aiosmtplib
 from redis.exceptions import RedisClusterException, RedisError
 
 from policy.decide import retry_delay
-from prepaid import lua, metrics
+from prepaid import keys, lua, metrics
 from prepaid.config import SmtpSettings
 from prepaid.errors import ConfigError
 from prepaid.outage import OutageLog
@@ -117,10 +117,10 @@ class MailQueue:
 
     @property
     def stream_key(self) -> str:
-        return f"{self.prefix}:{{mail}}"
+        return keys.mail_stream(self.prefix)
 
     def record_key(self, mail_id: str) -> str:
-        return f"{self.prefix}:{{mail}}:{mail_id}"
+        return keys.mail_record(self.prefix, mail_id)
 
     async def enqueue(self, mail_id: str, msg: EmailMessage) -> bool:
         """Queue ``msg`` once under ``mail_id``; False if that id was queued before."""

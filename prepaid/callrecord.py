@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from prepaid import lua
+from prepaid import keys, lua
 from prepaid.errors import StoreUnavailable
 from prepaid.rating import Rate
 from prepaid.redis_client import REDIS_ERRORS, RedisClient, text
@@ -37,12 +37,12 @@ WARNING_FILE = "prepaid/credit-expires-in-one-minute"
 
 
 def record_key(prefix: str, ref: str) -> str:
-    return f"{prefix}:callref:{ref}"
+    return keys.call_record(prefix, ref)
 
 
 def record_pattern(prefix: str) -> str:
     """Every record's key, for SCAN; the reference is the key's last part."""
-    return f"{prefix}:callref:*"
+    return keys.call_record_pattern(prefix)
 
 
 def hold_id(ref: str) -> str:

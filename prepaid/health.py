@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from prepaid import lua, metrics
+from prepaid import keys, lua, metrics
 from prepaid.config import Settings
 from prepaid.errors import StoreUnavailable
 from prepaid.outage import OutageLog
@@ -32,7 +32,7 @@ MISSING = "missing"  # no key: the listener never beat, or not for longer than i
 
 
 def meter_key(prefix: str, system_name: str) -> str:
-    return f"{prefix}:meter:{system_name or '-'}"
+    return keys.meter(prefix, system_name)
 
 
 async def beat(redis: RedisClient, prefix: str, system_name: str, *, state: str, backlog: int,
@@ -125,7 +125,7 @@ async def read_beat(redis: RedisClient, prefix: str, system_name: str) -> MeterB
 async def read_all(redis: RedisClient, prefix: str, also: str | None = None) -> list[MeterBeat]:
     """Every server's heartbeat (a SCAN; for ``status`` and the gauges, not for calls), plus
     ``also`` (this config's server) even when it has none."""
-    head = f"{prefix}:meter:"
+    head = keys.meter_head(prefix)
     try:
         names = {text(k)[len(head):] async for k in redis.scan_iter(match=f"{head}*",
                                                                      count=1000)}

@@ -14,7 +14,7 @@ import re
 import time
 from dataclasses import dataclass
 
-from prepaid import callrecord
+from prepaid import callrecord, keys
 from prepaid.errors import LedgerError, StoreUnavailable
 from prepaid.ledger import Change, Ledger
 from prepaid.redis_client import REDIS_ERRORS
@@ -104,13 +104,13 @@ async def reap(ledger: Ledger, *, system_name: str, live: set[str], max_age: flo
     this very moment, its record not yet written); it is released when the next pass, with
     the ``suspects`` this one returns, finds it orphaned again. Returns (released, suspects)."""
     now = time.time() if now is None else now
-    head, tail = f"{ledger.prefix}:{{acct:", "}:holds"
+    head, tail = keys.account_pattern(ledger.prefix, "holds")
     try:
-        keys = [k async for k in ledger.redis.scan_iter(f"{head}*{tail}", count=1000)]
+        found = [k async for k in ledger.redis.scan_iter(f"{head}*{tail}", count=1000)]
     except REDIS_ERRORS as exc:
         raise StoreUnavailable(f"Redis is unavailable listing holds: {exc}") from exc
     released, seen = [], set()
-    for key in keys:
+    for key in found:
         name = key.decode() if isinstance(key, bytes) else str(key)
         account = name[len(head):-len(tail)]
         for info in await list_holds(ledger, account, now=now):

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from prepaid import lua
+from prepaid import keys, lua
 from prepaid.errors import InputError, LedgerError, StoreUnavailable, UnknownAccount
 from prepaid.inputs import check_email
 from prepaid.money import check_currency, format_amount
@@ -138,24 +138,24 @@ class Ledger:
 
     # -- keys --------------------------------------------------------------
     def account_key(self, account: str) -> str:
-        return f"{self.prefix}:{{acct:{account}}}"
+        return keys.account(self.prefix, account)
 
     def keys(self, account: str) -> list[str]:
-        base = self.account_key(account)
-        return [base, f"{base}:holds", f"{base}:history", f"{base}:idem", f"{base}:outbox"]
+        return [self.account_key(account),
+                *(keys.account_part(self.prefix, account, p) for p in keys.ACCOUNT_PARTS)]
 
     @property
     def outbox_key(self) -> str:
         """The shared stream the policy workers read (consumer group ``policy``)."""
-        return f"{self.prefix}:outbox"
+        return keys.outbox(self.prefix)
 
     def account_outbox_key(self, account: str) -> str:
         """Where the ledger script leaves a crossing until it is forwarded to the outbox."""
-        return f"{self.account_key(account)}:outbox"
+        return keys.account_part(self.prefix, account, "outbox")
 
     @property
     def index_key(self) -> str:
-        return f"{self.prefix}:accounts"
+        return keys.accounts_index(self.prefix)
 
     # -- errors ------------------------------------------------------------
     async def _call(self, coro: Any) -> Any:

@@ -1,6 +1,6 @@
 """Every Lua script the project sends to Redis, in one place (as arq keeps its lua.py).
 
-Each script touches the keys of one cluster slot (the keys are named in prepaid/keys.py), so
+Each script touches the keys of one cluster slot (the key names are in prepaid/keys.py), so
 it runs alike on a single Redis, through Sentinel and on a Cluster: scripts, not MULTI.
 They are run with ``client.register_script(SCRIPT)(keys=..., args=...)`` (EVALSHA, EVAL
 when the server does not know it yet).

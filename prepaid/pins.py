@@ -14,7 +14,7 @@ import hashlib
 import hmac
 import secrets
 
-from prepaid import lua
+from prepaid import keys, lua
 from prepaid.errors import InputError
 from prepaid.ledger import Ledger, check_account_id
 
@@ -55,7 +55,7 @@ def pin_matches(pin: str, stored: str) -> bool:
 
 
 def _fails_key(ledger: Ledger, account: str) -> str:
-    return f"{ledger.account_key(account)}:pin-fails"
+    return keys.account_part(ledger.prefix, account, "pin-fails")
 
 
 async def set_pin(ledger: Ledger, account: str, pin: str | None) -> None:

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from prepaid import lua
+from prepaid import keys, lua
 from prepaid.errors import NoRateDeck, RateError, StoreUnavailable
 from prepaid.ratedeck import Normalisation, RateDeck
 from prepaid.rating import Rate
@@ -66,7 +66,7 @@ class RateStore:
     def __init__(self, client: RedisClient, prefix: str = "prepaid") -> None:
         self.redis = client
         # One hash tag: the swap and every lookup stay in one cluster slot.
-        self._base = f"{prefix}:{{rates}}"
+        self._base = keys.rates_base(prefix)
         self.version_key = f"{self._base}:version"
         self.legacy_key = f"{self._base}:deck"  # the one hash of releases before versions
         self._next_key = f"{self._base}:next"

@@ -1,0 +1,71 @@
+"""Every Redis key name the project uses, in one place (the scripts are in prepaid/lua.py).
+
+Keys of one account share its hash tag ``{acct:ID}``, so a script that touches an account's
+balance, holds, history and idempotency keys stays in one cluster slot. The rate decks
+share ``{rates}``, the mail queue ``{mail}``.
+"""
+
+from __future__ import annotations
+
+# The parts of an account's keys after its base key, in the order the ledger script takes.
+ACCOUNT_PARTS = ("holds", "history", "idem", "outbox")
+
+
+def account(prefix: str, account_id: str) -> str:
+    """The account's hash (balance, held, settings)."""
+    return f"{prefix}:{{acct:{account_id}}}"
+
+
+def account_part(prefix: str, account_id: str, part: str) -> str:
+    """One of the account's other keys: ``holds``, ``history``, ``pin-fails`` ..."""
+    return f"{account(prefix, account_id)}:{part}"
+
+
+def account_pattern(prefix: str, part: str) -> tuple[str, str]:
+    """(head, tail) of every account's ``part`` key, for SCAN: ``head*tail``."""
+    return f"{prefix}:{{acct:", f"}}:{part}"
+
+
+def accounts_index(prefix: str) -> str:
+    """The set of every account id."""
+    return f"{prefix}:accounts"
+
+
+def outbox(prefix: str) -> str:
+    """The shared stream the policy workers read (consumer group ``policy``)."""
+    return f"{prefix}:outbox"
+
+
+def call_record(prefix: str, ref: str) -> str:
+    """A live call's record, by its reference (the channel's uniqueid)."""
+    return f"{prefix}:callref:{ref}"
+
+
+def call_record_pattern(prefix: str) -> str:
+    return f"{prefix}:callref:*"
+
+
+def meter(prefix: str, system_name: str) -> str:
+    """A listener's heartbeat, per Asterisk server (``-`` when it has no system name)."""
+    return f"{prefix}:meter:{system_name or '-'}"
+
+
+def meter_head(prefix: str) -> str:
+    return f"{prefix}:meter:"
+
+
+def rates_base(prefix: str) -> str:
+    return f"{prefix}:{{rates}}"
+
+
+def mail_stream(prefix: str) -> str:
+    return f"{prefix}:{{mail}}"
+
+
+def mail_record(prefix: str, mail_id: str) -> str:
+    return f"{prefix}:{{mail}}:{mail_id}"
+
+
+def sandbox_charges(prefix: str, account_id: str) -> str:
+    """The sandbox gateway's record of the charges it made, per account."""
+    return account_part(prefix, account_id, "sandbox-charges")
