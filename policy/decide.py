@@ -74,7 +74,7 @@ class Decision:
     reason: str = ""  # for ignore/refuse: why, in words a customer understands
 
 
-def _topup_refusal(state: State, caps: PolicySettings, now: float) -> str | None:
+def topup_refusal(state: State, caps: PolicySettings, now: float) -> str | None:
     """Why an automatic top-up may not run now (no card, over a cap, declined lately)."""
     money = state.currency
     if not state.has_card:
@@ -110,7 +110,7 @@ def decide(state: State, caps: PolicySettings, now: float) -> Decision:
         return Decision("warn")
     if state.action != "topup":
         return Decision("ignore", reason=f"unknown action {state.action!r}")
-    refusal = _topup_refusal(state, caps, now)
+    refusal = topup_refusal(state, caps, now)
     if refusal is not None:
         return Decision("refuse", reason=refusal)
     return Decision("topup", state.topup_amount)

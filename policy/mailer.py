@@ -44,7 +44,8 @@ def _kind(mail_id: str) -> str:
     """The metric label of a mail id like ``low:1001:<crossing>``."""
     return mail_id.split(":", 1)[0]
 
-KINDS = ("low_balance", "topup_receipt", "topup_failed", "manual_receipt")
+KINDS = ("low_balance", "topup_receipt", "topup_failed", "manual_receipt", "phone_receipt",
+         "phone_failed")
 GROUP = "mailers"
 RECORD_TTL = 30 * 86400
 

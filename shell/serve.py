@@ -51,7 +51,7 @@ from prometheus_client import multiprocess
 
 import agi.server
 import ami_listener.service
-import policy.worker
+import policy.phone
 from prepaid import health, metrics
 from prepaid.config import Settings
 from prepaid.errors import ServeError
@@ -61,7 +61,7 @@ log = logging.getLogger(__name__)
 
 Runner = Callable[[Store, asyncio.Event], Coroutine[Any, Any, None]]
 SERVICES: dict[str, Runner] = {"agi": agi.server.run, "ami": ami_listener.service.run,
-                               "policy": policy.worker.run}
+                               "policy": policy.phone.serve}
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 STOP_SECONDS = 10.0  # a child asked to stop is killed after this
 BACKOFF_FIRST = 0.5
