@@ -1,4 +1,5 @@
-"""The AGI routes, shared by FastAGI and process AGI: ``authorize`` and ``balance``.
+"""The AGI routes, shared by FastAGI and process AGI: ``authorize``, ``balance`` and
+``menu`` (the self-service menu, agi/ivr.py).
 
 A route talks to the channel through an :class:`AgiSession` and to Redis through the
 :class:`Store`; every Redis step is bounded by ``[agi] timeout`` and failures there are
@@ -15,6 +16,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from agi import ivr
 from agi.decision import (
     PROMPT_REFUSED,
     Decision,
@@ -360,8 +362,13 @@ async def balance(session: AgiSession, store: Store, ctx: RouteContext) -> None:
             await session.stream_file(str(value))
 
 
+async def self_service(session: AgiSession, store: Store, ctx: RouteContext) -> None:
+    """IVR self-service menu (``*101``): PIN, balance, top-ups from the card, settings."""
+    await ivr.menu(session, store, ctx.outage)
+
+
 Route = Callable[[AgiSession, Store, RouteContext], Awaitable[object]]
-ROUTES: dict[str, Route] = {"authorize": authorize, "balance": balance}
+ROUTES: dict[str, Route] = {"authorize": authorize, "balance": balance, "menu": self_service}
 
 
 async def dispatch(session: AgiSession, store: Store, ctx: RouteContext) -> None:

@@ -8,15 +8,21 @@ CURRENCY_PROMPTS = {"EUR": "prepaid/currency-eur", "USD": "prepaid/currency-usd"
                     "GBP": "prepaid/currency-gbp"}
 GENERIC_CURRENCY = "prepaid/currency-units"
 
-Step = tuple[str, str | int]  # ("file", "prepaid/x") or ("number", 12)
+# ("file", "prepaid/x"), ("number", 12) or ("digits", "4242"): "four two four two"
+Step = tuple[str, str | int]
 
 
 def balance_speech(balance: int, currency: str) -> list[Step]:
     """'Your balance is <units> <currency> [and <cents> cents]' (sub-cent digits are cut)."""
-    steps: list[Step] = [("file", "prepaid/your-balance-is")]
-    if balance < 0:
+    return [("file", "prepaid/your-balance-is"), *amount_speech(balance, currency)]
+
+
+def amount_speech(amount: int, currency: str) -> list[Step]:
+    """'[minus] <units> <currency> [and <cents> cents]' (sub-cent digits are cut)."""
+    steps: list[Step] = []
+    if amount < 0:
         steps.append(("file", "prepaid/minus"))
-    whole, frac = divmod(abs(balance), MICROS_PER_UNIT)
+    whole, frac = divmod(abs(amount), MICROS_PER_UNIT)
     steps += [("number", whole), ("file", CURRENCY_PROMPTS.get(currency, GENERIC_CURRENCY))]
     if currency_decimals(currency) == 2:
         cents = frac // (MICROS_PER_UNIT // 100)

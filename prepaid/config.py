@@ -114,6 +114,9 @@ class AgiSettings:
     # behind, for longer than this; allow_unmetered = true lets them through unbilled.
     metering_stale_seconds: float = 5.0
     allow_unmetered: bool = False
+    # The *101 menu waits this long for the policy worker to charge a top-up; a request it
+    # stops waiting for is never charged later (prepaid/selfservice.py).
+    topup_wait_seconds: float = 20.0
     # Asterisk passes it as the first AGI argument of every request; a request without it
     # is refused. Empty: none asked, allowed only while `allow` is loopback only.
     secret: str = field(default="", repr=False)

@@ -69,3 +69,13 @@ def mail_record(prefix: str, mail_id: str) -> str:
 def sandbox_charges(prefix: str, account_id: str) -> str:
     """The sandbox gateway's record of the charges it made, per account."""
     return account_part(prefix, account_id, "sandbox-charges")
+
+
+def selfservice_requests(prefix: str) -> str:
+    """The stream of phone top-up requests from the IVR menu (consumer group ``phone``)."""
+    return f"{prefix}:selfservice"
+
+
+def selfservice_result(prefix: str, account_id: str, request_key: str) -> str:
+    """The short-lived outcome of one phone top-up request, which the menu polls."""
+    return account_part(prefix, account_id, f"selfservice:{request_key}")

@@ -25,6 +25,7 @@ from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any
 
+from prepaid import keys
 from prepaid.errors import InputError, StoreUnavailable
 from prepaid.ledger import Account, Ledger, check_account_id
 from prepaid.redis_client import REDIS_ERRORS, text
@@ -45,11 +46,11 @@ async def _redis(ledger: Ledger, step: Awaitable[Any]) -> Any:
 
 def requests_key(prefix: str) -> str:
     """The stream the policy worker reads phone requests from (consumer group ``phone``)."""
-    return f"{prefix}:selfservice"
+    return keys.selfservice_requests(prefix)
 
 
 def result_key(ledger: Ledger, account: str, key: str) -> str:
-    return f"{ledger.account_key(account)}:selfservice:{key}"
+    return keys.selfservice_result(ledger.prefix, account, key)
 
 
 def check_key(key: str) -> str:

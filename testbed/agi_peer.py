@@ -12,6 +12,9 @@ import shlex
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+# Prompts play to their end (no key cuts them short).
+PLAYED = {"STREAM FILE": "200 result=0 endpos=12000", "SAY NUMBER": "200 result=0",
+          "SAY DIGITS": "200 result=0"}
 DEAD = "511 Command Not Permitted on a dead channel or intercepted routine"
 
 
@@ -48,6 +51,9 @@ class AgiPeer:
     set_vars: dict[str, str] = field(default_factory=dict)
     closed_by_server: bool = False
     dead: bool = False
+    # What the caller keys, one entry per input: WAIT FOR DIGIT takes one ("1"), GET DATA
+    # one up to '#' ("1234#"); none left is a time-out. Prompts play to their end.
+    keys: list[str] = field(default_factory=list)
 
     def reply(self, command: str) -> list[str]:
         if self.dead:
@@ -76,15 +82,25 @@ class AgiPeer:
         if verb == "GET VARIABLE" and len(words) == 3:
             found = self.variables.get(words[2])
             return ["200 result=0"] if found is None else [f"200 result=1 ({found})"]
-        if verb == "STREAM FILE":
-            return ["200 result=0 endpos=12000"]
-        if verb == "SAY NUMBER":
-            return ["200 result=0"]
+        if verb in PLAYED:
+            return [PLAYED[verb]]
+        if verb in ("WAIT FOR", "GET DATA"):
+            return self._keyed(verb, words)
         if words and words[0].upper() == "ANSWER":
             return ["200 result=0"]
         if words and words[0].upper() == "HANGUP":
             self.dead = True
             return ["200 result=1"]
+        return ["510 Invalid or unknown command"]
+
+    def _keyed(self, verb: str, words: list[str]) -> list[str]:
+        """WAIT FOR DIGIT <ms> and GET DATA <file> <ms> <max digits>, from ``keys``."""
+        typed = self.keys.pop(0) if self.keys else ""
+        if verb == "WAIT FOR" and words[2:3] == ["DIGIT"]:
+            return [f"200 result={ord(typed[0]) if typed else 0}"]
+        if len(words) == 5:
+            typed = typed.split("#", 1)[0][:int(words[4])]
+            return [f"200 result={typed}" if typed else "200 result= (timeout)"]
         return ["510 Invalid or unknown command"]
 
     async def run(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,

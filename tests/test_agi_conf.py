@@ -40,7 +40,8 @@ def test_dialplan_uses_the_agi_global_and_the_contract_variables() -> None:
     agi_calls = re.findall(r"AGI\(([^)]*)\)", text)
     # Every request passes [agi] secret first (issue 11), from [globals].
     assert agi_calls == ["${PREPAID_AGI}/authorize,${PREPAID_AGI_SECRET}",
-                         "${PREPAID_AGI}/balance,${PREPAID_AGI_SECRET}"]
+                         "${PREPAID_AGI}/balance,${PREPAID_AGI_SECRET}",
+                         "${PREPAID_AGI}/menu,${PREPAID_AGI_SECRET}"]
     assert re.search(r"^PREPAID_AGI_SECRET=$", text, re.M)
     assert "Set(TIMEOUT(absolute)=${PREPAID_TIMEOUT})" in text
     assert ("Dial(${PREPAID_DIAL_PREFIX}${EXTEN}${PREPAID_DIAL_SUFFIX},${PREPAID_RING_SECONDS})"

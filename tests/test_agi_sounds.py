@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import array
+import ast
 import wave
 from pathlib import Path
 
 from click.testing import CliRunner
 
-from agi import decision, speech
+from agi import decision, menu, speech
 from agi.commands import PROMPTS, sounds, sounds_install
 from prepaid.callrecord import WARNING_FILE
 
@@ -18,6 +19,16 @@ PLAYED = {decision.PROMPT_NO_CREDIT, decision.PROMPT_REFUSED, decision.PROMPT_LO
           *speech.CURRENCY_PROMPTS.values()}
 
 
+def menu_prompts() -> set[str]:
+    """Every prompt agi/menu.py names: the arguments of its _f() calls and its outcome
+    prompts."""
+    tree = ast.parse(Path(menu.__file__).read_text())
+    names = {arg.value for node in ast.walk(tree) if isinstance(node, ast.Call)
+             and isinstance(node.func, ast.Name) and node.func.id == "_f"
+             for arg in node.args if isinstance(arg, ast.Constant)}
+    return {str(n) for n in names} | set(menu.OUTCOME_PROMPTS.values())
+
+
 def prompt_names() -> set[str]:
     lines = (PROMPTS / "prompts.txt").read_text().splitlines()
     return {ln.split("|", 1)[0] for ln in lines if ln and not ln.startswith("#")}
@@ -25,6 +36,9 @@ def prompt_names() -> set[str]:
 
 def test_every_played_prompt_is_in_prompts_txt() -> None:
     assert {p.removeprefix("prepaid/") for p in PLAYED} <= prompt_names()
+    said = menu_prompts()
+    assert {"enter-pin", "to-add", "confirm-or-cancel", "topup-done"} <= said
+    assert said <= prompt_names(), sorted(said - prompt_names())
 
 
 def test_each_prompt_is_8khz_mono_16bit_wav_and_ulaw_of_real_speech() -> None:
