@@ -45,7 +45,7 @@ import time
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from prometheus_client import multiprocess
 
@@ -58,6 +58,7 @@ from prepaid.errors import ServeError
 from prepaid.store import Store, open_store
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 Runner = Callable[[Store, asyncio.Event], Coroutine[Any, Any, None]]
 SERVICES: dict[str, Runner] = {"agi": agi.server.run, "ami": ami_listener.service.run,
@@ -391,13 +392,33 @@ async def _child(spec: ChildSpec) -> int:
     return 0
 
 
+def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop when it is installed (the ``fast`` extra) and ``PREPAID_LOOP`` is not
+    ``asyncio``; else asyncio's own loop (None)."""
+    if os.environ.get("PREPAID_LOOP", "auto") == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
+
+
+def run_loop(coro: Coroutine[Any, Any, T]) -> T:
+    factory = loop_factory()
+    if factory is None:
+        return asyncio.run(coro)
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(coro)
+
+
 def child_main() -> None:
     """Entry of a child process (see the module docstring)."""
     spec = pickle.load(sys.stdin.buffer)
     if not isinstance(spec, ChildSpec):
         raise SystemExit("prepaid serve: a child expects its ChildSpec on stdin")
     configure_logging(spec.log_level)
-    raise SystemExit(asyncio.run(_child(spec)))
+    raise SystemExit(run_loop(_child(spec)))
 
 
 # -- the entry point -------------------------------------------------------------------------
@@ -418,4 +439,4 @@ def serve_forever(settings: Settings, names: Sequence[str], level: str = "INFO")
         else:
             await run_services(settings, names, stop)
 
-    asyncio.run(main())
+    run_loop(main())
