@@ -11,7 +11,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from bench import agi, ami, ami_client, deck, e2e, ledger, policy, scale, sip_ramp
+from bench import agi, ami, ami_client, deck, e2e, goals, ledger, policy, scale, sip_ramp
 from bench.common import save
 
 # Each run() returns a dict of figures.
@@ -19,6 +19,17 @@ BENCHMARKS: dict[str, Callable[[], dict[str, Any]]] = {
     "ledger": ledger.run, "agi": agi.run, "ami": ami.run, "ami_client": ami_client.run,
     "policy": policy.run, "e2e": e2e.run, "scale": scale.run, "sip_ramp": sip_ramp.run,
     "deck": deck.run}
+
+
+def goal_table(rows: list[goals.Row]) -> Table:
+    table = Table("goal", "figure", "target", "figure / target", "met", title="goals")
+    for row in rows:
+        bound = "<=" if goals.GOALS[rows.index(row)].at_most else ">="
+        figure = "not measured" if row.figure is None else f"{row.figure:g} {row.unit}"
+        ratio = "-" if row.figure is None else f"{row.figure / row.target:.2f}"
+        met = "-" if row.met is None else ("yes" if row.met else "NO")
+        table.add_row(row.goal, figure, f"{bound} {row.target:g} {row.unit}", ratio, met)
+    return table
 
 
 def main(argv: list[str]) -> int:
@@ -48,6 +59,9 @@ def main(argv: list[str]) -> int:
         for key, value in figures.items():
             table.add_row(name, key, str(value))
     console.print(table)
+    rows = goals.check(results)
+    results["goals"] = goals.as_json(rows)
+    console.print(goal_table(rows))
     # A subset run keeps its own file, so it never hides the figures of a full run.
     path = save("latest" if not argv else "-".join(names), results)
     console.print(f"written to {path}")
