@@ -23,7 +23,7 @@ import asyncio
 import itertools
 import logging
 import time
-from typing import NoReturn
+from typing import NoReturn, cast
 
 from panoramisk.message import Message as PanoramiskMessage
 
@@ -90,8 +90,8 @@ class _Wire(asyncio.Protocol):
         self._tail_lines = 0  # line breaks in the buffer (an incomplete message)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # A stream transport; uvloop's do not subclass asyncio.Transport.
+        self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         if self.failed:

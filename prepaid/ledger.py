@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from prepaid import keys, lua
+from prepaid.batching import ScriptBatcher
 from prepaid.errors import InputError, LedgerError, StoreUnavailable, UnknownAccount
 from prepaid.inputs import check_email
 from prepaid.money import check_currency, format_amount
@@ -132,6 +133,8 @@ class Ledger:
         self.prefix = prefix
         self.url = url
         self._ledger = client.register_script(lua.LEDGER)
+        # Concurrent changes (every live call's block at a tick) share round trips.
+        self._batched = ScriptBatcher(client, self._ledger)
         self._create = client.register_script(lua.CREATE_ACCOUNT)
         self._update = client.register_script(lua.UPDATE_ACCOUNT)
         self.forward_outage = OutageLog(log, "Redis (forwarding crossings to the outbox)")
@@ -228,8 +231,8 @@ class Ledger:
         check_account_id(account)
         if not key:
             raise ValueError("every ledger change needs an idempotency key")
-        reply = await self._call(self._ledger(
-            keys=self.keys(account), args=[op, key, str(amount), ref, hold, flags]))
+        reply = await self._call(self._batched(
+            self.keys(account), [op, key, str(amount), ref, hold, flags]))
         status = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
         if status == "NO_ACCOUNT":
             raise UnknownAccount(account)
