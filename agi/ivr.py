@@ -155,8 +155,8 @@ class Caller:
                  key, amount)
         async with asyncio.timeout(wait + self.settings.agi.timeout):
             result = await selfservice.wait(self.ledger, request)
-        log.info("menu of account %s: top-up %s %s %s", self.account, key, result.state,
-                 result.reason)
+        log.info("menu of account %s: top-up %s %s%s", self.account, key, result.state,
+                 f" ({result.reason})" if result.reason else "")
         return result
 
 
