@@ -67,7 +67,9 @@ async def collect(session: AgiSession, ask: Ask) -> str:
         return key
     *before, last = ask.speech
     await say(session, tuple(before), "")
-    reply = await session.command(f"GET DATA {last[1]} {DIGIT_TIMEOUT_MS} {ask.digits}")
+    # A slow caller may take the digit time-out for each key: the reply comes after that.
+    reply = await session.command(f"GET DATA {last[1]} {DIGIT_TIMEOUT_MS} {ask.digits}",
+                                  wait=(ask.digits + 1) * DIGIT_TIMEOUT_MS / 1000)
     m = _GET_DATA.search(reply.line)
     return m.group(1) if m else ""
 

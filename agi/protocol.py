@@ -162,8 +162,10 @@ class AgiSession:
     def mark_hangup(self) -> None:
         self.hung_up = True
 
-    async def command(self, line: str) -> Reply:
-        """Send one command and return its reply; raises AgiHangup once the channel is gone."""
+    async def command(self, line: str, wait: float = 0.0) -> Reply:
+        """Send one command and return its reply; raises AgiHangup once the channel is gone.
+        ``wait``: seconds the command itself may take beyond ``command_timeout`` (GET DATA
+        waits for a caller's keys)."""
         if self.hung_up:
             raise AgiHangup(f"channel hung up before {line.split(' ', 1)[0]}")
         self.sent.append(line)
@@ -175,9 +177,10 @@ class AgiSession:
             raise AgiHangup(f"AGI connection lost sending {line!r}: {exc}") from None
         while True:
             try:
-                raw = await _readline(self.reader, self.command_timeout)
+                raw = await _readline(self.reader, self.command_timeout + wait)
             except TimeoutError:
-                raise AgiTimeout(f"no reply to {line!r} within {self.command_timeout:g} s"
+                raise AgiTimeout(f"no reply to {line!r} within "
+                                 f"{self.command_timeout + wait:g} s"
                                  ) from None
             except AgiHeaderError as exc:
                 raise AgiError(f"bad reply to {line!r}: {exc}") from None

@@ -10,6 +10,9 @@ from typing import Any
 
 import pytest
 
+from agi.ivr import collect
+from agi.menu import Ask
+from agi.protocol import AgiSession
 from agi.server import AgiServer
 from policy.gateway import SandboxGateway
 from policy.phone import PhoneTopups
@@ -182,3 +185,25 @@ async def test_an_unreachable_redis_says_the_call_cannot_be_completed(
     finally:
         await server.close()
         await store.close()
+
+
+class Sent:
+    """The AGI session's writer: keeps the command lines."""
+
+    def __init__(self) -> None:
+        self.lines: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.lines.append(data)
+
+    async def drain(self) -> None:
+        return None
+
+
+async def test_a_slow_pin_entry_may_outlast_the_command_timeout() -> None:
+    reader = asyncio.StreamReader()
+    session = AgiSession({}, reader, Sent(), command_timeout=0.1)
+    # Asterisk answers GET DATA only once the caller has keyed the PIN.
+    asyncio.get_running_loop().call_later(0.4, reader.feed_data, b"200 result=1234\n")
+    assert await collect(session, Ask((("file", "prepaid/enter-pin"),), 8, pin=True)) == "1234"
+    assert session.sent == ["GET DATA prepaid/enter-pin 6000 8"]
