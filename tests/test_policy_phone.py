@@ -144,3 +144,34 @@ async def test_a_request_still_charging_at_the_deadline_is_pending(store: Store,
     got = await selfservice.read(store.ledger, req)
     assert got is not None and got.state == "credited"
     assert len(await charges(store)) == 1
+
+
+async def test_a_top_up_in_flight_for_the_account_makes_the_request_wait(store: Store,
+                                                                         smtp: Smtp) -> None:
+    await new_account(store)
+    w = phone(store)
+    lock = w.lock_key("1001")
+    await store.redis.set(lock, "other-worker:crossing", ex=60)  # an automatic top-up
+    req = request()
+    await selfservice.submit(store.ledger, req)
+    assert await w.process_batch() == 0  # not started: nothing claimed, nothing charged
+    assert await selfservice.read(store.ledger, req) is None
+    assert await charges(store) == {}
+    await store.redis.delete(lock)
+    assert await w.process_batch() == 1
+    assert await selfservice.read(store.ledger, req) == TopupResult("credited", 20 * EUR)
+
+
+async def test_a_malformed_request_is_dropped_with_one_line(store: Store, smtp: Smtp,
+                                                            caplog: Any) -> None:
+    await new_account(store)
+    stream = selfservice.requests_key(store.ledger.prefix)
+    await store.redis.xadd(stream, {"kind": "ivr-topup", "account": "1001", "amount": "-5",
+                                    "key": "k", "expires": "9999999999"})
+    await store.redis.xadd(stream, {"kind": "refund", "account": "1001"})
+    await selfservice.submit(store.ledger, request())
+    assert await phone(store).process_batch() == 3
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 2 and all("dropping it" in e for e in errors), errors
+    assert "amount -5 is not positive" in errors[0] and "unknown kind 'refund'" in errors[1]
+    assert (await store.ledger.get("1001")).balance == 20 * EUR
