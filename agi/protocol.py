@@ -56,11 +56,15 @@ class Reply:
     line: str
 
 
-async def _readline(reader: asyncio.StreamReader, seconds: float) -> bytes:
-    """One line, at most MAX_LINE bytes, within ``seconds``; b"" at EOF."""
+async def _readline(reader: asyncio.StreamReader, seconds: float | None) -> bytes:
+    """One line, at most MAX_LINE bytes, within ``seconds`` (None: the caller bounds the
+    time); b"" at EOF."""
     try:
-        async with asyncio.timeout(seconds):
+        if seconds is None:
             line = await reader.readline()
+        else:
+            async with asyncio.timeout(seconds):
+                line = await reader.readline()
     except (ValueError, asyncio.LimitOverrunError):
         raise AgiHeaderError(f"AGI line longer than {MAX_LINE} bytes") from None
     if len(line) > MAX_LINE:
@@ -75,7 +79,7 @@ async def read_header(reader: asyncio.StreamReader, *, within: float = HEADER_TI
     try:
         async with asyncio.timeout(within):
             for number in range(1, max_lines + 2):
-                raw = await _readline(reader, within)
+                raw = await _readline(reader, None)  # one time-out for the whole header
                 if not raw:
                     raise AgiHeaderError(f"AGI peer closed the connection in header line {number}")
                 text = raw.decode("utf-8", "replace").rstrip("\r\n")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import multiprocessing
 import os
 import sys
 import tempfile
@@ -50,7 +51,7 @@ async def _one(port: int, n: int, prefix: str) -> tuple[float, bool]:
     return time.perf_counter() - began, peer.set_vars.get("PREPAID_STATUS") == "ALLOWED"
 
 
-async def _saturation(port: int) -> dict[str, float]:
+async def _saturation(port: int, prefix: str = "sat") -> dict[str, float]:
     latencies: list[float] = []
     failed = 0
     counter = iter(range(SATURATION_CALLS))
@@ -58,13 +59,33 @@ async def _saturation(port: int) -> dict[str, float]:
     async def worker() -> None:
         nonlocal failed
         for n in counter:
-            took, ok = await _one(port, n, "sat")
+            took, ok = await _one(port, n, prefix)
             latencies.append(took)
             failed += not ok
 
     began = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
     return _figures(latencies, SATURATION_CALLS, time.perf_counter() - began, failed)
+
+
+def _load_process(port: int, out: Any) -> None:
+    out.put(asyncio.run(_saturation(port, "apart")))
+
+
+async def _saturation_apart(port: int) -> dict[str, float]:
+    """The same saturation run with the peers in a process of their own, and the server's
+    CPU seconds over it: authorizations per second of one core busy serving them."""
+    ctx = multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    proc = ctx.Process(target=_load_process, args=(port, out), daemon=True)
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    proc.start()
+    figures: dict[str, float] = await asyncio.to_thread(out.get, True, 300)
+    cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
+    await asyncio.to_thread(proc.join, 30)
+    figures["server_cpu_share"] = round(cpu / wall, 3)
+    figures["per_server_core_s"] = round(SATURATION_CALLS / cpu, 1)
+    return figures
 
 
 async def _offered(port: int) -> dict[str, float]:
@@ -135,6 +156,7 @@ async def run_async(url: str, conf: Path) -> dict[str, Any]:
         await _prepare(store)
         offered = await _offered(server.port)
         saturated = await _saturation(server.port)
+        apart = await _saturation_apart(server.port)
         process = await _process(conf)
     finally:
         beating.set()
@@ -143,7 +165,7 @@ async def run_async(url: str, conf: Path) -> dict[str, Any]:
         await store.close()
     out: dict[str, Any] = {}
     for name, figures in (("fastagi_offered", offered), ("fastagi_saturation", saturated),
-                          ("process_agi", process)):
+                          ("fastagi_apart", apart), ("process_agi", process)):
         out.update({f"{name}_{k}": v for k, v in figures.items()})
     out["offered_rate"] = OFFERED_RATE
     out["concurrency"] = CONCURRENCY

@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from prepaid import keys, lua
+from prepaid import batching, keys, lua
 from prepaid.errors import StoreUnavailable
 from prepaid.rating import Rate
 from prepaid.redis_client import REDIS_ERRORS, RedisClient, text
@@ -98,8 +98,8 @@ async def write(client: RedisClient, prefix: str, record: CallRecord) -> None:
     key = record_key(prefix, record.uniqueid)
     fields = [x for kv in record.to_hash().items() for x in kv]
     try:
-        done = await client.register_script(lua.CALL_WRITE)(
-            keys=[key], args=[str(record.max_seconds + EXPIRY_MARGIN), *fields])
+        done = await batching.of(client).script(
+            lua.CALL_WRITE, [key], [str(record.max_seconds + EXPIRY_MARGIN), *fields])
     except REDIS_ERRORS as exc:
         raise StoreUnavailable(f"Redis is unavailable writing call {record.uniqueid}: {exc}"
                                ) from exc
@@ -111,8 +111,8 @@ async def write(client: RedisClient, prefix: str, record: CallRecord) -> None:
 async def released(client: RedisClient, prefix: str, ref: str) -> None:
     """The caller hung up (or the AGI gave up) during authorization: the hold is back."""
     try:
-        await client.register_script(lua.CALL_STATE)(
-            keys=[record_key(prefix, ref)], args=["released", str(EXPIRY_MARGIN)])
+        await batching.of(client).script(
+            lua.CALL_STATE, [record_key(prefix, ref)], ["released", str(EXPIRY_MARGIN)])
     except REDIS_ERRORS as exc:
         raise StoreUnavailable(f"Redis is unavailable updating call {ref}: {exc}") from exc
 
@@ -120,9 +120,9 @@ async def released(client: RedisClient, prefix: str, ref: str) -> None:
 async def answered(client: RedisClient, prefix: str, ref: str, *, answered_us: int,
                    blocks_paid: int) -> None:
     """The call was answered and its blocks up to ``blocks_paid`` are paid."""
-    await _call(client.hset(record_key(prefix, ref), mapping={
-        "state": "answered", "answered_at": f"{answered_us / 1_000_000:.6f}",
-        "blocks_paid": str(blocks_paid)}))
+    await _call(batching.of(client).command(
+        "HSET", record_key(prefix, ref), "state", "answered",
+        "answered_at", f"{answered_us / 1_000_000:.6f}", "blocks_paid", str(blocks_paid)))
 
 
 async def note_cdr(client: RedisClient, prefix: str, ref: str, billsec: int) -> None:
@@ -132,16 +132,16 @@ async def note_cdr(client: RedisClient, prefix: str, ref: str, billsec: int) -> 
 
 async def finish(client: RedisClient, prefix: str, ref: str, settlement: str) -> str | None:
     """Keep ``settlement`` (JSON) unless another finisher came first; return the kept one."""
-    stored = await _call(client.register_script(lua.CALL_FINISH)(
-        keys=[record_key(prefix, ref)], args=[f"{time.time():.3f}", settlement,
-                                              str(FINISHED_TTL)]))
+    stored = await _call(batching.of(client).script(
+        lua.CALL_FINISH, [record_key(prefix, ref)],
+        [f"{time.time():.3f}", settlement, str(FINISHED_TTL)]))
     return text(stored) if isinstance(stored, (bytes, str)) else None
 
 
 async def ended(client: RedisClient, prefix: str, ref: str, now: str) -> None:
     """The settlement is in the account's history (logged at ``now``)."""
-    await _call(client.register_script(lua.CALL_ENDED)(keys=[record_key(prefix, ref)],
-                                                   args=[now, str(ENDED_TTL)]))
+    await _call(batching.of(client).script(lua.CALL_ENDED, [record_key(prefix, ref)],
+                                           [now, str(ENDED_TTL)]))
 
 
 async def read(client: RedisClient, prefix: str, ref: str) -> CallRecord | None:

@@ -15,8 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from prepaid import keys, lua
-from prepaid.batching import ScriptBatcher
+from prepaid import batching, keys, lua
 from prepaid.errors import InputError, LedgerError, StoreUnavailable, UnknownAccount
 from prepaid.inputs import check_email
 from prepaid.money import check_currency, format_amount
@@ -134,7 +133,7 @@ class Ledger:
         self.url = url
         self._ledger = client.register_script(lua.LEDGER)
         # Concurrent changes (every live call's block at a tick) share round trips.
-        self._batched = ScriptBatcher(client, self._ledger)
+        self.batch = batching.of(client)
         self._create = client.register_script(lua.CREATE_ACCOUNT)
         self._update = client.register_script(lua.UPDATE_ACCOUNT)
         self.forward_outage = OutageLog(log, "Redis (forwarding crossings to the outbox)")
@@ -189,7 +188,7 @@ class Ledger:
 
     async def get(self, account: str) -> Account:
         check_account_id(account)
-        h = await self._call(self.redis.hgetall(self.account_key(account)))
+        h = await self._call(self.batch.command("HGETALL", self.account_key(account)))
         if not h:
             raise UnknownAccount(account)
         return Account.from_hash({k.decode(): v.decode() for k, v in h.items()})
@@ -231,8 +230,8 @@ class Ledger:
         check_account_id(account)
         if not key:
             raise ValueError("every ledger change needs an idempotency key")
-        reply = await self._call(self._batched(
-            self.keys(account), [op, key, str(amount), ref, hold, flags]))
+        reply = await self._call(self.batch.script(
+            self._ledger, self.keys(account), [op, key, str(amount), ref, hold, flags]))
         status = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
         if status == "NO_ACCOUNT":
             raise UnknownAccount(account)

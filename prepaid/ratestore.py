@@ -16,7 +16,8 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from prepaid import keys, lua
+from prepaid import batching, keys, lua
+from prepaid.batching import Call
 from prepaid.errors import NoRateDeck, RateError, StoreUnavailable
 from prepaid.ratedeck import Normalisation, RateDeck
 from prepaid.rating import Rate
@@ -93,10 +94,9 @@ class RateStore:
         fields = [MARKER, *(digits[:n] for n in range(min(len(digits), 20), 0, -1))]
         version = self._version if self._version is not None else await self.version()
         for _ in range(4):  # a deck switched between our two reads: read again
-            pipe = self.redis.pipeline(transaction=False)
-            pipe.get(self.version_key)
-            pipe.hmget(self.deck_key(version), fields)
-            raw, values = await self._call(pipe.execute())
+            raw, values = await self._call(batching.of(self.redis).commands([
+                Call("GET", [self.version_key]),
+                Call("HMGET", [self.deck_key(version), *fields])]))
             now = int(raw or 0)
             if now == version and values[0] is not None:
                 self._version = version

@@ -17,11 +17,11 @@ async def test_changes_of_one_turn_go_in_one_pipeline_each_with_its_own_outcome(
         ledger: Ledger) -> None:
     await ledger.create_account("1001", currency="EUR")
     await ledger.credit("1001", 5 * EUR, key="seed")
-    sent = ledger._batched.batches
+    sent = ledger.batch.batches
     # 8 debits of 1 EUR against 5 EUR: five succeed, three are refused, in call order.
     results = await asyncio.gather(
         *(ledger.debit("1001", EUR, key=f"d{i}") for i in range(8)), return_exceptions=True)
-    assert ledger._batched.batches - sent == 1
+    assert ledger.batch.batches - sent == 1
     assert [r.balance if not isinstance(r, BaseException) else r.code  # type: ignore[attr-defined]
             for r in results] == [4 * EUR, 3 * EUR, 2 * EUR, EUR, 0] + ["NO_CREDIT"] * 3
     assert all(isinstance(r, LedgerError) for r in results[5:])
