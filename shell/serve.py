@@ -134,8 +134,16 @@ def _remove_orphaned_metrics() -> None:
             continue  # not ours, or another user's live supervisor
 
 
+# The placeholder of asterisk-conf/manager.conf: everyone who read the file knows it.
+SAMPLE_AMI_SECRET = "change-me"
+
+
 def prepare(settings: Settings, names: Sequence[str], *, multiprocess: bool) -> Prepared:
-    """Check the allow list, bind FastAGI and serve metrics; ServeError/ConfigError if not."""
+    """Check the AMI secret and the allow list, bind FastAGI and serve metrics; ServeError/
+    ConfigError if not."""
+    if "ami" in names and settings.ami.secret.strip() == SAMPLE_AMI_SECRET:
+        raise ServeError("[ami] secret is the sample one of asterisk-conf/manager.conf: set a "
+                         "secret of your own there and in PREPAID_AMI_SECRET")
     prepared = Prepared()
     try:
         if "agi" in names:

@@ -350,14 +350,20 @@ def split_sections(text: str) -> list[tuple[str | None, list[str]]]:
     return out
 
 
+# The shipped manager.conf holds a sample secret that `prepaid serve` refuses: the test bed
+# gives its users this one instead (one per test process, never the sample's).
+METERING_SECRET = secrets.token_urlsafe(18)
+_SECRET_LINE = re.compile(r"(\s*secret\s*=\s*)\S+")
+
+
 def project_ami_user() -> tuple[str, str]:
-    """The metering user of asterisk-conf/manager.conf (not the test bed's all-rights user)."""
+    """The metering user of asterisk-conf/manager.conf (not the test bed's all-rights user)
+    and the secret the test bed gives it in place of the sample's."""
     for name, lines in split_sections((PROJECT_CONF / "manager.conf").read_text()):
         if name and name.lower() != "general":
             for line in lines:
-                m = re.match(r"\s*secret\s*=\s*(\S+)", line)
-                if m:
-                    return name, m.group(1)
+                if _SECRET_LINE.match(line):
+                    return name, METERING_SECRET
     raise PbxError("asterisk-conf/manager.conf has no AMI user with a secret")
 
 
@@ -768,7 +774,8 @@ class Pbx:
                         ln for ln in lines[1:] if (_conf_key(ln) or "") not in MANAGER_CONTROLLED
                     )
                 else:
-                    users.extend(lines)
+                    users.extend(_SECRET_LINE.sub(rf"\g<1>{METERING_SECRET}", ln)
+                                 for ln in lines)
         values = {**values, "PROJECT_GENERAL": "\n".join(
             ["; from asterisk-conf/manager.conf [general]:", *general] if general else [])}
         text = _render("manager.conf", values)

@@ -302,3 +302,20 @@ async def test_in_process_a_failing_service_is_restarted_and_the_others_keep_ser
     finally:
         stop.set()
         await asyncio.wait_for(task, 15)
+
+
+@pytest.mark.parametrize("only", [(), ("ami",)])
+def test_serve_refuses_the_sample_ami_secret_without_printing_it(
+        redis_url: str, tmp_path: Path, only: tuple[str, ...]) -> None:
+    conf = write_config(tmp_path / "p.toml", redis_url, free_port())
+    env = {**os.environ, "PREPAID_AMI_SECRET": serve.SAMPLE_AMI_SECRET}
+    res = subprocess.run([PREPAID, "--config", str(conf), "serve",
+                          *[x for n in only for x in ("--only", n)]],
+                         capture_output=True, timeout=60, stdin=subprocess.DEVNULL, env=env)
+    out = res.stdout.decode() + res.stderr.decode()
+    assert res.returncode == 1, out
+    assert "Traceback" not in out and "started (pid" not in out
+    assert serve.SAMPLE_AMI_SECRET not in out
+    [line] = [x for x in out.splitlines() if x.startswith("prepaid: error:")]
+    assert line == ("prepaid: error: [ami] secret is the sample one of asterisk-conf/"
+                    "manager.conf: set a secret of your own there and in PREPAID_AMI_SECRET")
