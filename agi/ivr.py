@@ -16,7 +16,6 @@ import asyncio
 import logging
 import re
 import secrets
-import time
 
 from agi.decision import PROMPT_REFUSED, pick_account
 from agi.menu import (
@@ -150,7 +149,7 @@ class Caller:
         self.requests += 1
         key = f"{self.ref}:{self.requests}:{secrets.token_hex(3)}"
         wait = self.settings.agi.topup_wait_seconds
-        request = selfservice.TopupRequest(self.account, amount, key, time.time() + wait)
+        request = selfservice.TopupRequest(self.account, amount, key, wait)
         async with asyncio.timeout(self.settings.agi.timeout):
             await selfservice.submit(self.ledger, request)
         log.info("menu of account %s: top-up %s of %s micro-units requested", self.account,

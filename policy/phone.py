@@ -12,7 +12,8 @@ Exactly once, by the request's key: the outcome key is claimed ``charging`` befo
 anything is charged (a menu that stopped waiting claimed it ``abandoned`` first: then
 nothing is), the gateway key is ``ivrtopup:<account>:<key>`` and the ledger credit key
 ``ivrtopup:<key>``, the mail ids ``phone-receipt:<account>:<key>`` and
-``phone-fail:<account>:<key>``.  A request found after its ``expires`` time is never started.
+``phone-fail:<account>:<key>``.  A request found older than its ``wait`` (by Redis's clock)
+is never started.
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ class PhoneTopups(PolicyWorker):
     async def _handle_request(self, req: TopupRequest) -> bool:
         ledger = self.ledger
         seen = await selfservice.read(ledger, req)
-        if seen is None and self.now() > req.expires:
+        if seen is None and await selfservice.expired(ledger, req):
             # Nobody waits for it any more: never started, so never charged.
             if await selfservice.claim(ledger, req, "abandoned") is None:
                 log.info("phone top-up %s for account %s expired before it was started; "

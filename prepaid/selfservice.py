@@ -10,9 +10,10 @@ rails of automatic top-ups and writes the outcome to the short-lived key
 That key also decides who goes first, with ``SET NX``: the worker claims it (``charging``)
 before it charges; a menu that stops waiting claims it ``abandoned``.  So a request is
 charged at most once and the caller is told the truth: either nothing was charged (try
-later), or the worker has started and its e-mail will tell.  A request whose ``expires``
-time has passed is never started (a menu that died cannot leave one behind to be charged
-an hour later).
+later), or the worker has started and its e-mail will tell.  A request older than its
+``wait`` is never started (a menu that died cannot leave one behind to be charged an hour
+later); its age is measured on Redis's clock (its stream entry id against ``TIME``), so
+clocks that differ between the menu's and the worker's hosts do not matter.
 """
 
 from __future__ import annotations
@@ -65,11 +66,12 @@ class TopupRequest:
     account: str
     amount: int  # micro-units
     key: str  # the request's idempotency key, unique per request
-    expires: float  # epoch seconds: not started after this
+    wait: float  # seconds the menu waits for it: not started once it is older
+    written_ms: int = 0  # when Redis appended it (its entry id), once read back
 
     def fields(self) -> dict[str, str]:
         return {"kind": KIND_TOPUP, "account": self.account, "amount": str(self.amount),
-                "key": self.key, "expires": f"{self.expires:.3f}"}
+                "key": self.key, "wait": f"{self.wait:.3f}"}
 
 
 def parse_request(entry_id: str, fields: dict[str, str]) -> TopupRequest:
@@ -79,12 +81,13 @@ def parse_request(entry_id: str, fields: dict[str, str]) -> TopupRequest:
     try:
         account = check_account_id(fields.get("account", ""))
         key = check_key(fields.get("key", ""))
-        amount, expires = int(fields.get("amount", "")), float(fields.get("expires", ""))
+        amount, wait = int(fields.get("amount", "")), float(fields.get("wait", ""))
+        written_ms = int(entry_id.split("-", 1)[0])
     except (InputError, ValueError) as exc:
         raise InputError(f"self-service entry {entry_id}: {exc}") from None
     if amount <= 0:
         raise InputError(f"self-service entry {entry_id}: amount {amount} is not positive")
-    return TopupRequest(account, amount, key, expires)
+    return TopupRequest(account, amount, key, wait, written_ms)
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,14 +143,22 @@ async def read(ledger: Ledger, request: TopupRequest) -> TopupResult | None:
     return None if raw is None else TopupResult.loads(raw)
 
 
+async def expired(ledger: Ledger, request: TopupRequest) -> bool:
+    """The request is older than its ``wait`` by Redis's clock (the one its id is from)."""
+    seconds, micros = await _redis(ledger, ledger.redis.time())
+    return bool(int(seconds) * 1000 + int(micros) // 1000
+                > request.written_ms + request.wait * 1000)
+
+
 async def wait(ledger: Ledger, request: TopupRequest, *, poll: float = 0.1) -> TopupResult:
-    """Poll the outcome until ``request.expires``; then claim it ``abandoned`` (nothing will
-    be charged) or, if the worker started already, answer ``pending``."""
-    while time.time() < request.expires:
+    """Poll the outcome for ``request.wait`` seconds; then claim it ``abandoned`` (nothing
+    will be charged) or, if the worker started already, answer ``pending``."""
+    deadline = time.monotonic() + request.wait
+    while time.monotonic() < deadline:
         got = await read(ledger, request)
         if got is not None and got.final:
             return got
-        await asyncio.sleep(min(poll, max(0.0, request.expires - time.time())))
+        await asyncio.sleep(min(poll, max(0.0, deadline - time.monotonic())))
     other = await claim(ledger, request, "abandoned")
     if other is None:
         return TopupResult("abandoned")

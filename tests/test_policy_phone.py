@@ -4,7 +4,6 @@ menu's request, the worker's charge with the rails of automatic top-ups, the out
 from __future__ import annotations
 
 import asyncio
-import time
 from typing import Any
 
 from policy.gateway import SandboxGateway
@@ -24,7 +23,7 @@ def phone(st: Store, name: str = "p1", **kw: Any) -> PhoneTopups:
 
 def request(amount: int = 10 * EUR, key: str = "1700000000.1:a1", *, account: str = "1001",
             within: float = 5.0) -> TopupRequest:
-    return TopupRequest(account, amount, key, time.time() + within)
+    return TopupRequest(account, amount, key, within)
 
 
 async def charges(st: Store, account: str = "1001") -> dict[str, dict[str, object]]:
@@ -110,8 +109,12 @@ async def test_a_request_the_menu_gave_up_on_is_never_charged(store: Store,
 async def test_an_expired_request_is_not_started_even_unclaimed(store: Store,
                                                                 smtp: Smtp) -> None:
     await new_account(store)
-    req = request(within=-1.0)  # its menu died without claiming it
-    await selfservice.submit(store.ledger, req)
+    # Written 10 s ago by Redis's clock for a 5 s wait: its menu died without claiming it.
+    seconds, _ = await store.redis.time()
+    req = request(within=5.0)
+    fields: dict[Any, Any] = req.fields()
+    await store.redis.xadd(selfservice.requests_key(store.ledger.prefix), fields,
+                           id=f"{(seconds - 10) * 1000}-0")
     assert await phone(store).process_batch() == 1
     assert await selfservice.read(store.ledger, req) == TopupResult("abandoned")
     assert await charges(store) == {}
@@ -167,7 +170,7 @@ async def test_a_malformed_request_is_dropped_with_one_line(store: Store, smtp: 
     await new_account(store)
     stream = selfservice.requests_key(store.ledger.prefix)
     await store.redis.xadd(stream, {"kind": "ivr-topup", "account": "1001", "amount": "-5",
-                                    "key": "k", "expires": "9999999999"})
+                                    "key": "k", "wait": "5"})
     await store.redis.xadd(stream, {"kind": "refund", "account": "1001"})
     await selfservice.submit(store.ledger, request())
     assert await phone(store).process_batch() == 3
