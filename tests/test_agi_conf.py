@@ -58,5 +58,17 @@ def test_manager_user_has_least_rights() -> None:
     assert "permit = 127.0.0.1/255.255.255.255" in user
     assert "deny = 0.0.0.0/0.0.0.0" in user
     assert "channelvars = PREPAID_ACCOUNT,PREPAID_CALLREF" in text
-    names = re.findall(r"name\((\w+)\)", user)
-    assert {"Newchannel", "Hangup", "DialBegin", "BridgeEnter", "Cdr", "VarSet"} <= set(names)
+
+
+def test_manager_event_filters_use_the_syntax_asterisk_18_and_20_accept() -> None:
+    # Asterisk 22's advanced form, eventfilter(action(include),name(X)) =, is unknown to the
+    # Asterisk 18 and 20 that FreePBX runs; the legacy form is a regex after "eventfilter =".
+    user = (CONF / "manager.conf").read_text().split("[prepaid]", 1)[1]
+    filters = re.findall(r"^eventfilter\s*(\S*?)\s*=\s*(.*)$", user, re.M)
+    assert filters and all(criteria == "" for criteria, _ in filters), filters
+    [names] = [re.fullmatch(r"\^Event: \(([\w|]+)\)\[\[:cntrl:\]\]", f)
+               for _, f in filters if "VarSet" not in f]
+    assert names is not None
+    assert {"Newchannel", "Hangup", "DialBegin", "BridgeEnter", "Cdr"} <= set(
+        names.group(1).split("|"))
+    assert ("", "^Event: VarSet[[:cntrl:]].*[[:cntrl:]]Variable: PREPAID_") in filters
