@@ -27,13 +27,22 @@ from the events (whole seconds, truncated as Asterisk's billsec is).
 
 from __future__ import annotations
 
+import heapq
 import logging
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from ami_listener.protocol import timestamp_us
-from prepaid.rating import Rate, billed_seconds, block_cost, blocks_for, cost, covered_seconds
+from prepaid.rating import (
+    Rate,
+    billed_seconds,
+    block_cost,
+    blocks_for,
+    cost,
+    cost_of_billed,
+    covered_seconds,
+)
 
 log = logging.getLogger(__name__)
 
@@ -260,6 +269,10 @@ class Tracker:
     oddities: int = 0
     overdrawn: int = 0  # blocks a CDR reached that the credit no longer covered
     wake: int = 0  # nothing falls due before this time (us): ticks before it are cheap
+    # When each call next falls due (time, ref), earliest first: a tick advances those calls
+    # only, not every live call. Stale entries just advance a call early, which is a no-op.
+    due: list[tuple[int, str]] = field(default_factory=list)
+    everyone: bool = True  # the next tick advances every call (after a failure)
 
     # -- input: events ----------------------------------------------------------------
     def feed(self, msg: Mapping[str, str], received_us: int | None = None) -> list[Action]:
@@ -386,11 +399,28 @@ class Tracker:
             self.now = now
         if self.now < self.wake:
             return []
-        self.wake = 1 << 62
         out: list[Action] = []
-        for call in list(self.calls.values()):
-            out += self._advance(call)
+        if self.everyone:
+            self.everyone, self.due, self.wake = False, [], 1 << 62
+            for call in list(self.calls.values()):
+                out += self._advance(call)
+            return out
+        refs: dict[str, None] = {}
+        while self.due and self.due[0][0] <= self.now:
+            refs[heapq.heappop(self.due)[1]] = None
+        self.wake = self.due[0][0] if self.due else 1 << 62
+        for ref in refs:
+            found = self.calls.get(ref)
+            if found is not None:
+                out += self._advance(found)
         return out
+
+    def _wake_at(self, call: Call, at: int) -> None:
+        heapq.heappush(self.due, (at, call.ref))
+        self.wake = min(self.wake, at)
+
+    def _wake_everyone(self) -> None:
+        self.everyone, self.wake = True, 0
 
     # -- input: results from the I/O layer --------------------------------------------
     def attach(self, ref: str, info: CallInfo, *, resumed: bool = False) -> list[Action]:
@@ -445,7 +475,7 @@ class Tracker:
         call = self.calls.get(ref)
         if call is not None:
             call.busy = False
-            self.wake = 0
+            self._wake_everyone()
 
     def cdr_found(self, ref: str, billsec: int | None, *, again: bool = True) -> list[Action]:
         """The CDR file's billable seconds for the call, or None when it holds no line;
@@ -555,8 +585,7 @@ class Tracker:
         if self.now >= due + BACKSTOP_US and not call.cutoff_sent:
             call.cutoff_sent = True
             return [Cutoff(call.ref, call.channel, n)]
-        self.wake = min(self.wake, due - RETRY_BEFORE_US if not call.retried
-                        else due + BACKSTOP_US)
+        self._wake_at(call, due - RETRY_BEFORE_US if not call.retried else due + BACKSTOP_US)
         return []
 
     def _next_block(self, call: Call, info: CallInfo, n: int, due: int) -> list[Action]:
@@ -566,14 +595,14 @@ class Tracker:
             call.busy = True
             return [PayBlock(call.ref, info.account, n, block_cost(info.rate, n),
                              call.answered_us)]
-        self.wake = min(self.wake, due - self.pay_ahead_us)
+        self._wake_at(call, due - self.pay_ahead_us)
         warn_at = due - self.warning_seconds * US
         if self.warning_seconds > 0 and call.warned < n:
             if self.now >= warn_at:
                 call.warned = n
                 return [CheckCredit(call.ref, info.account, call.channel, n,
                                     block_cost(info.rate, n))]
-            self.wake = min(self.wake, warn_at)
+            self._wake_at(call, warn_at)
         return []
 
     def _ending(self, call: Call, info: CallInfo) -> list[Action]:
@@ -585,13 +614,13 @@ class Tracker:
                 call.answered_us is not None or call.ended_us is None):
             if call.cdr_wait_until is None:
                 if not self.now:  # no time known yet (a fresh listener): wait from then
-                    self.wake = 0
+                    self._wake_everyone()
                     return []
                 # Seen hanging up: the Cdr event is on its way. Ended while we were away: it
                 # may still come (posted as we reconnected), else the file tells.
                 call.cdr_wait_until = self.now + self.cdr_wait_us
             if self.now < call.cdr_wait_until:
-                self.wake = min(self.wake, call.cdr_wait_until)
+                self._wake_at(call, call.cdr_wait_until)
                 return []
             call.busy = True
             return [FindCdr(call.ref)]
@@ -634,7 +663,8 @@ def _settlement(f: Finish, past_credit: list[int]) -> Settlement:
     """The call's settlement once its ledger changes are done: a block charged past the
     credit is where it would have been cut off."""
     rate = f.rate
-    charged = sum(block_cost(rate, i) for i in range(1, f.blocks + 1))
+    # The blocks' prices telescope: blocks 1..n cost what n blocks' seconds cost.
+    charged = cost_of_billed(rate, covered_seconds(rate, f.blocks))
     if charged != cost(rate, f.duration):  # pragma: no cover - guarded by construction
         log.error("call %s: charged %s but the rate says %s", f.ref, charged,
                   cost(rate, f.duration))
