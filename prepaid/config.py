@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import stat
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -20,7 +21,7 @@ from prepaid.errors import ConfigError, InputError
 from prepaid.inputs import check_email
 from prepaid.money import check_currency, currency_decimals, parse_amount
 from prepaid.ratedeck import Normalisation
-from prepaid.redis_client import mask_url
+from prepaid.redis_client import check_url, mask_url, url_has_secret
 
 ENV_CONFIG = "PREPAID_CONFIG"
 DEFAULT_PATHS = (Path("/etc/asterisk-prepaid/prepaid.toml"),)
@@ -33,7 +34,7 @@ ACTIONS = ("none", "email", "topup")
 
 @dataclass(frozen=True)
 class RedisSettings:
-    url: str = "redis://127.0.0.1:6379/0"
+    url: str = field(default="redis://127.0.0.1:6379/0", repr=False)  # may hold a password
     key_prefix: str = "prepaid"
     timeout: float = 2.0
     max_connections: int = 256  # per process; a burst beyond waits up to `timeout`
@@ -67,7 +68,7 @@ class AmiSettings:
     host: str = "127.0.0.1"
     port: int = 5038
     username: str = "prepaid"
-    secret: str = ""
+    secret: str = field(default="", repr=False)
     reconnect_max_seconds: float = 30.0
     warning_seconds: int = 60
     warning_context: str = "prepaid-warning"
@@ -143,7 +144,7 @@ class SmtpSettings:
     host: str = "127.0.0.1"
     port: int = 25
     username: str = ""
-    password: str = ""
+    password: str = field(default="", repr=False)
     sender: str = "prepaid@localhost"
     starttls: bool = False
     timeout: float = 10.0
@@ -170,7 +171,7 @@ class PolicySettings:
 @dataclass(frozen=True)
 class PaymentsSettings:
     gateway: str = "sandbox"
-    stripe_api_key: str = ""
+    stripe_api_key: str = field(default="", repr=False)
     stripe_api_base: str = ""
 
 
@@ -297,6 +298,10 @@ def _validate(s: Settings, where: str) -> None:
     if not re.match(r"^(rediss?|unix|redis\+sentinel|redis\+cluster)://", s.redis.url):
         raise ConfigError(f"{where}: [redis] url {s.redis.safe_url!r} must start with "
                           "redis://, rediss://, unix://, redis+sentinel:// or redis+cluster://")
+    try:
+        check_url(s.redis.url)
+    except InputError as exc:
+        raise ConfigError(f"{where}: [redis] url: {exc}") from None
     _validate_agi(s.agi, where)
     if s.policy.action not in ACTIONS:
         raise ConfigError(f"{where}: [policy] action {s.policy.action!r} must be one of "
@@ -348,28 +353,27 @@ def load(path: Path | None = None, env: Mapping[str, str] | None = None) -> Sett
             return parse({}, "<defaults>", env)
     try:
         raw = path.read_bytes()
+        mode = path.stat().st_mode
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from None
+    if mode & stat.S_IWOTH:  # before anything it says is believed
+        raise ConfigError(f"{path}: is writable by every user, so anyone on this host can "
+                          f"change what it says; run 'chmod o-w {path}'")
     try:
         data = tomllib.loads(raw.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    settings = parse(data, str(path), env)
-    _refuse_exposed_secrets(path, data)
-    return settings
+    if mode & stat.S_IROTH:
+        _refuse_exposed_secrets(path, data)
+    return parse(data, str(path), env)
 
 
 def _refuse_exposed_secrets(path: Path, data: Mapping[str, Any]) -> None:
-    """A file anyone on the host can read must not hold secrets."""
-    try:
-        mode = path.stat().st_mode
-    except OSError:
-        return
-    if not mode & 0o004:
-        return
+    """A file anyone on the host can read must not hold secrets: checked before its values,
+    so no error about a value comes first."""
     found = [f"[{sec}] {key}" for (sec, key) in _ENV
-             if isinstance(data.get(sec), dict) and data[sec].get(key)
-             and (key != "url" or re.search(r"//[^/@]*:[^/@]+@", str(data[sec][key])))]
+             if isinstance(data.get(sec), dict) and data[sec].get(key) not in (None, "")
+             and (key != "url" or url_has_secret(str(data[sec][key])))]
     if found:
         raise ConfigError(
             f"{path}: holds secrets ({', '.join(found)}) but is readable by every user; "

@@ -25,8 +25,11 @@ def free_port() -> int:
 class RedisServer:
     """A private redis-server; ``stop``/``start`` let tests simulate an outage."""
 
-    def __init__(self, *extra_args: str) -> None:
+    def __init__(self, *extra_args: str, password: str | None = None) -> None:
         self.extra_args = list(extra_args)
+        self.password = password  # requirepass: the tests of secrets (tests/test_secrets.py)
+        if password is not None:
+            self.extra_args += ["--requirepass", password]
         exe = shutil.which("redis-server")
         if exe is None:
             raise RuntimeError("redis-server is not installed; run 'make test' to install it")
@@ -45,7 +48,7 @@ class RedisServer:
              "--appendonly", "no", "--dir", str(self.dir), "--logfile",
              str(self.dir / "redis.log"), *self.extra_args],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
+        client = redis.Redis(port=self.port, socket_connect_timeout=0.2, password=self.password)
         deadline = time.monotonic() + 10
         while True:
             try:
@@ -64,7 +67,7 @@ class RedisServer:
             self.proc = None
 
     def flush(self) -> None:
-        client = redis.Redis(port=self.port)
+        client = redis.Redis(port=self.port, password=self.password)
         client.flushall()
         client.script_flush()
         client.close()
