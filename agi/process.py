@@ -79,7 +79,9 @@ async def serve_stdio(route: str) -> int:
     store = await open_store(settings, check=False)
     try:
         # One call per process: no metering heartbeat counts at once (watching_since=None).
-        await dispatch(session, store, new_context(store, watching_since=None))
+        ctx = new_context(store, watching_since=None)
+        await dispatch(session, store, ctx)
+        await ctx.drain()  # the call's outcome, logged after Asterisk was answered
     finally:
         await store.close()
     return 0

@@ -13,8 +13,9 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 from agi import ivr
 from agi.decision import (
@@ -30,7 +31,7 @@ from agi.decision import (
 )
 from agi.protocol import AgiError, AgiHangup, AgiSession
 from agi.speech import balance_speech
-from prepaid import callrecord, metrics
+from prepaid import callrecord, metrics, outcomes
 from prepaid.callrecord import WARNING_FILE
 from prepaid.config import Settings
 from prepaid.errors import (
@@ -77,6 +78,22 @@ class RouteContext:
     loop_late: float = 0.0
     overload: OutageLog = dataclasses.field(
         default_factory=lambda: OutageLog(log, "authorization capacity (this server's CPU)"))
+    outcomes: outcomes.OutcomeLog | None = None  # where each call's outcome is logged
+    outcome_outage: OutageLog = dataclasses.field(
+        default_factory=lambda: OutageLog(log, "Redis (logging authorization outcomes)"))
+
+    background: set[asyncio.Task[None]] = dataclasses.field(default_factory=set)
+
+    def in_background(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run ``work`` without waiting for it (kept referenced until it is done)."""
+        task = asyncio.ensure_future(work)
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
+
+    async def drain(self) -> None:
+        """Wait for the background work (a process AGI before it exits)."""
+        if self.background:
+            await asyncio.gather(*self.background, return_exceptions=True)
 
     def oldest(self, now: float) -> float:
         """How long the oldest authorization in progress has been going on (s)."""
@@ -85,8 +102,11 @@ class RouteContext:
 
 def new_context(store: Store, *, watching_since: float | None) -> RouteContext:
     """``watching_since``: see :class:`MeteringGate` (the FastAGI server's start, or None)."""
+    agi = store.settings.agi
     return RouteContext(new_outage_log(), MeteringGate.for_settings(
-        store.redis, store.settings, watching_since=watching_since))
+        store.redis, store.settings, watching_since=watching_since),
+        outcomes=outcomes.OutcomeLog(store.redis, store.settings.redis.key_prefix,
+                                     keep=agi.outcomes_keep, days=agi.outcomes_days))
 
 
 @dataclass
@@ -282,6 +302,7 @@ async def _authorize(session: AgiSession, store: Store, ctx: RouteContext) -> De
     progress = _Progress()
     account_id, linkedid = await _caller(session, settings)
     started = time.monotonic()
+    redis_down = False
     if not ref:
         log.warning("AGI authorize without agi_uniqueid from channel %r; refused",
                     session.env.get("agi_channel", ""))
@@ -319,11 +340,16 @@ async def _authorize(session: AgiSession, store: Store, ctx: RouteContext) -> De
             if progress.reserving or progress.reserved:
                 await _release(store, progress, ref, "authorization failed")
             decision = deny(Reason.BUSY, policy) if overloaded else on_failure(policy)
+            redis_down = not isinstance(exc, RateError)
     elapsed = time.monotonic() - started
     metrics.AUTHORIZATIONS.labels(decision.status.value, decision.reason.value).inc()
     metrics.AUTHORIZATION_SECONDS.observe(elapsed)
     log.info("call %s account %r to %r: %s %s max %ss (%.0f ms)", ref, account_id, number,
              decision.status.value, decision.reason.value, decision.max_seconds, elapsed * 1000)
+    # Logged while the dialplan is told, and never waited for: no round trip is added to
+    # the call's set-up. Not while Redis is known to be away (it would wait out a time-out).
+    if not redis_down:
+        ctx.in_background(_note(store, ctx, decision, account_id, number, ref))
     try:
         await _set_variables(session, decision, account_id, ref)
         if not decision.allowed and decision.hangup:
@@ -335,6 +361,20 @@ async def _authorize(session: AgiSession, store: Store, ctx: RouteContext) -> De
             await _release(store, progress, ref, f"authorization ended: {exc}")
         raise
     return decision
+
+
+async def _note(store: Store, ctx: RouteContext, decision: Decision, account_id: str,
+                number: str, ref: str) -> None:
+    """Log the call's outcome for ``prepaid calls --refused``; never fails the call."""
+    if ctx.outcomes is None:
+        return
+    try:
+        async with asyncio.timeout(store.settings.agi.timeout):
+            await ctx.outcomes.note(account_id, decision.status.value, decision.reason.value,
+                                    number, ref, decision.max_seconds)
+        ctx.outcome_outage.success()
+    except (StoreUnavailable, TimeoutError) as exc:
+        ctx.outcome_outage.failure(exc)
 
 
 async def balance(session: AgiSession, store: Store, ctx: RouteContext) -> None:

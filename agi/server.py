@@ -284,6 +284,7 @@ class AgiServer:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await self.context.drain()  # outcomes still being logged (each bounded by a time-out)
         for server in self._servers:
             await server.wait_closed()
         self._servers = []

@@ -118,6 +118,10 @@ class AgiSettings:
     # The *101 menu waits this long for the policy worker to charge a top-up; a request it
     # stops waiting for is never charged later (prepaid/selfservice.py).
     topup_wait_seconds: float = 20.0
+    # Authorization outcomes, allowed and refused, kept per account for `prepaid calls
+    # ACCOUNT --refused`: about this many, for at most this many days (0: none kept).
+    outcomes_keep: int = 1000
+    outcomes_days: int = 30
     # Asterisk passes it as the first AGI argument of every request; a request without it
     # is refused. Empty: none asked, allowed only while `allow` is loopback only.
     secret: str = field(default="", repr=False)

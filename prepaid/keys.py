@@ -26,6 +26,16 @@ def account_pattern(prefix: str, part: str) -> tuple[str, str]:
     return f"{prefix}:{{acct:", f"}}:{part}"
 
 
+def outcomes(prefix: str, account_id: str) -> str:
+    """The account's recent authorization outcomes (allowed and refused), capped."""
+    return account_part(prefix, account_id, "outcomes")
+
+
+def unknown_outcomes(prefix: str) -> str:
+    """Refusals of calls whose account does not exist (one capped stream for all)."""
+    return f"{prefix}:outcomes:unknown"
+
+
 def accounts_index(prefix: str) -> str:
     """The set of every account id."""
     return f"{prefix}:accounts"

@@ -101,6 +101,22 @@ redis.call('EXPIRE', KEYS[1], ARGV[2])
 return 1
 """
 
+# -- authorization outcomes (prepaid/outcomes.py) ------------------------------------------
+# Log one outcome in the account's stream, capped by count (MAXLEN ~) and by age (MINID ~,
+# the key's expiry for an account that stops calling); an account that does not exist
+# gets nothing (0: the caller logs it in the shared stream of unknown accounts instead).
+# KEYS: 1 the stream, 2 (optional) the account's hash, which must exist.
+# ARGV: 1 max entries, 2 max age (ms), then field, value pairs.
+OUTCOME_LOG = """
+if KEYS[2] and redis.call('EXISTS', KEYS[2]) == 0 then return 0 end
+local t = redis.call('TIME')
+local oldest = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - tonumber(ARGV[2])
+redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', unpack(ARGV, 3))
+if oldest > 0 then redis.call('XTRIM', KEYS[1], 'MINID', '~', oldest) end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 1
+"""
+
 # -- automatic top-ups (policy/worker.py) ------------------------------------------------------
 # Take the account's top-up lock, or take it again with the same token: an attempt cut
 # short by a Redis outage (its unlock failed too) must not block its own retry.
