@@ -45,7 +45,7 @@ from ami_listener.tracker import (
     Settlement,
     Tracker,
 )
-from prepaid import callrecord, holds, lua, metrics
+from prepaid import callrecord, holds, keys, lua, metrics
 from prepaid.callrecord import WARNING_FILE, CallRecord, hold_id, record_key, record_pattern
 from prepaid.errors import LedgerError, StoreUnavailable, UnknownAccount
 from prepaid.ledger import Ledger
@@ -100,12 +100,12 @@ class OnceCommands:
 
 def calls_key(ledger: Ledger, account: str) -> str:
     """The account's call history: a stream, newest last, at most about HISTORY_MAX."""
-    return f"{ledger.account_key(account)}:calls"
+    return keys.account_calls(ledger.prefix, account)
 
 
 def logged_key(ledger: Ledger, account: str) -> str:
     """References already in the call history (sorted set by time), so each is logged once."""
-    return f"{ledger.account_key(account)}:calls:logged"
+    return keys.account_calls_logged(ledger.prefix, account)
 
 
 class Reporter(Protocol):

@@ -42,6 +42,7 @@ from prepaid.rating import (
     cost,
     cost_of_billed,
     covered_seconds,
+    rate_json,
 )
 
 log = logging.getLogger(__name__)
@@ -198,6 +199,9 @@ class Settlement:
     cause: str
     source: str
     cutoff: int
+    # The rate the call was billed at (JSON of the Rate), so `prepaid verify` can check
+    # the cost against it after the deck has changed.
+    tariff: str = ""
 
     def fields(self) -> dict[str, str]:
         return {"ref": self.ref, "account": self.account, "number": self.number,
@@ -206,7 +210,7 @@ class Settlement:
                 "ended": "" if self.ended is None else f"{self.ended:.6f}",
                 "duration": str(self.duration), "billed": str(self.billed),
                 "cost": str(self.cost), "blocks": str(self.blocks), "cause": self.cause,
-                "source": self.source, "cutoff": str(self.cutoff)}
+                "source": self.source, "cutoff": str(self.cutoff), "tariff": self.tariff}
 
 
 @dataclass(frozen=True, slots=True)
@@ -672,7 +676,8 @@ def _settlement(f: Finish, past_credit: list[int]) -> Settlement:
                       None if f.answered_us is None else f.answered_us / US,
                       None if f.ended_us is None else f.ended_us / US, f.duration,
                       billed_seconds(rate, f.duration), charged, f.blocks, f.cause, f.source,
-                      f.cutoff or (past_credit[0] if past_credit else 0))
+                      f.cutoff or (past_credit[0] if past_credit else 0),
+                      rate_json(rate))
 
 
 # -- dispatch -----------------------------------------------------------------------------

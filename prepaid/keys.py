@@ -36,6 +36,16 @@ def unknown_outcomes(prefix: str) -> str:
     return f"{prefix}:outcomes:unknown"
 
 
+def account_calls(prefix: str, account_id: str) -> str:
+    """The account's call history: a stream of settled calls, newest last."""
+    return account_part(prefix, account_id, "calls")
+
+
+def account_calls_logged(prefix: str, account_id: str) -> str:
+    """References already in the call history (sorted set by time), so each is logged once."""
+    return account_part(prefix, account_id, "calls:logged")
+
+
 def accounts_index(prefix: str) -> str:
     """The set of every account id."""
     return f"{prefix}:accounts"

@@ -152,3 +152,11 @@ n = redis.call('INCR', KEYS[1])
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 return n
 """
+
+# -- the audit (prepaid/audit.py) -----------------------------------------------------------
+# One account's balance, holds and last history entry read at one instant (its keys share
+# a slot), so `prepaid verify` compares them without a race against live traffic.
+AUDIT_SNAPSHOT = """
+return {redis.call('HGETALL', KEYS[1]), redis.call('HGETALL', KEYS[2]),
+        redis.call('XREVRANGE', KEYS[3], '+', '-', 'COUNT', 1)}
+"""

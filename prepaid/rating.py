@@ -9,6 +9,8 @@ the blocks paid always add up to :func:`cost` of the billed duration exactly.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import dataclass
 
 from prepaid.money import div_round_up
@@ -32,6 +34,16 @@ class Rate:
             return self.initial
         extra = self.minimum - self.initial
         return self.initial + -(-extra // self.increment) * self.increment
+
+
+def rate_json(rate: Rate) -> str:
+    """The rate as the call record and the call history keep it."""
+    return json.dumps(dataclasses.asdict(rate))
+
+
+def rate_from_json(raw: str) -> Rate:
+    """The inverse of :func:`rate_json`; ValueError (or TypeError) if it is not one."""
+    return Rate(**json.loads(raw))
 
 
 def billed_seconds(rate: Rate, duration: int) -> int:

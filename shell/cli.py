@@ -37,6 +37,7 @@ from prepaid.pins import check_pin, set_pin
 from prepaid.ratedeck import CSV_COLUMNS, iter_csv, load_csv, rate_row, read_lines
 from prepaid.rating import Rate, billed_seconds, cost
 from prepaid.store import Store, open_store
+from shell.audit import verify_cmd
 from shell.serve import serve_forever
 
 T = TypeVar("T")
@@ -551,3 +552,4 @@ def serve(obj: Context, only: tuple[str, ...], log_level: str) -> None:
 # Commands that live beside the services they belong to.
 for _command in (policy_cmd, card_group, calls_cmd, sounds):
     main.add_command(_command)
+main.add_command(verify_cmd)
