@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
+from prepaid.audit import Audit
 from prepaid.ledger import Ledger
 from prepaid.redis_client import connect
 from shell.cli import main
@@ -51,3 +52,20 @@ def run(redis_url: str, tmp_path: Path) -> Run:
     conf.write_text(f'[redis]\nurl = "{redis_url}"\n[billing]\ncurrency = "EUR"\n'
                     '[policy]\nmax_topup = "100"\n')
     return cli(conf)
+
+
+async def assert_verified(target: str | Ledger, account: str | None = None, *,
+                          prefix: str = "prepaid", grace: float = 1.0) -> None:
+    """``prepaid verify`` finds nothing on this Redis (a URL) or ledger: called at the end
+    of every storm and fault scenario (issue 13), so none leaves a balance off its history,
+    a hold without its call, a call charged other than its rate or a key applied twice."""
+    if isinstance(target, str):
+        client = connect(target, timeout=10)
+        try:
+            await assert_verified(Ledger(client, prefix, target), account, grace=grace)
+        finally:
+            await client.aclose()
+        return
+    found = [m async for m in Audit(target, grace=grace).run(account)]
+    assert not found, "prepaid verify after the scenario: " + "; ".join(
+        f"{m.account}: {m.kind}: {m.detail}" for m in found[:20])

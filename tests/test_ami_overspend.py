@@ -19,6 +19,7 @@ from prepaid.ledger import Ledger
 from prepaid.rating import Rate, block_cost, cost
 from prepaid.redis_client import connect
 from testbed.ami_peer import authorize, open_account, recording_meter
+from tests.conftest import assert_verified
 
 T0 = 1_800_000_000 * US
 GRACE = 30  # [ami] grace_seconds, the Meter's default
@@ -140,6 +141,7 @@ async def scenario(url: str, rate_a: Rate, rate_b: Rate, balance: int,
         if acct.balance < 0:
             assert any(s.cutoff for s in recorder.settlements)
         assert meter.errors == 0
+        await assert_verified(ledger, account)
     finally:
         await client.aclose()
 

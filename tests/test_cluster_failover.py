@@ -19,6 +19,7 @@ from prepaid.ledger import Ledger
 from prepaid.redis_client import connect
 from testbed.cluster import Cluster, ClusterUnsupported
 from testbed.replies import entries
+from tests.conftest import assert_verified
 
 DEBITS = 300
 KILL_AT = 60
@@ -92,4 +93,5 @@ async def test_primary_killed_mid_storm_keeps_the_ledger_consistent(
     assert len(acknowledged) == DEBITS  # every client got its answer in the end
     assert len(lost) <= 5, f"lost {len(lost)} acknowledged debits"
     assert pauses, "no client noticed the failover"
+    await assert_verified(ledger)
     await client.aclose()

@@ -45,6 +45,7 @@ from prepaid.store import Store, open_store
 from testbed.pbx import PROJECT_CONF, Cdr, Pbx, free_port, project_ami_user
 from testbed.servers import toml_text
 from testbed.sipload import CallSpec, FarEnd, LoadResult, UacRun, agi_latencies, start_calls
+from tests.conftest import assert_verified
 
 pytestmark = pytest.mark.pbx
 log = logging.getLogger(__name__)
@@ -411,6 +412,7 @@ async def test_hundreds_of_calls_each_billed_its_cdr_billsec(
         (c.billsec, c.disposition) for c in cdrs.values())
     view = await bed.settled(cdrs)
     check_bills(view, cdrs, bed.settings, bed.topups)
+    await assert_verified(bed.store.ledger)
 
 
 async def test_simultaneous_calls_are_cut_off_without_overdraft(
@@ -446,6 +448,7 @@ async def test_simultaneous_calls_are_cut_off_without_overdraft(
         f"{sorted(c.billsec for c in cdrs.values())}")
     assert sum(c.billsec for c in cdrs.values()) <= 30
     check_bills(view, cdrs, bed.settings, bed.topups)
+    await assert_verified(bed.store.ledger)
 
 
 def refused_for_credit(pbx: Pbx, mark: int, account: str) -> set[str]:
@@ -481,6 +484,7 @@ async def test_empty_account_is_refused_and_never_dialed(
     acct = await bed.store.ledger.get("5001")
     assert (acct.balance, acct.held) == (0, 0)
     assert [e.kind for e in await bed.store.ledger.history("5001", 100)] == ["open"]
+    await assert_verified(bed.store.ledger)
 
 
 @pytest.mark.parametrize("deck", ["1/1", "30/6", "60/60"])
@@ -507,6 +511,7 @@ async def test_restart_within_grace_drops_no_call(
     assert 11 <= cdr.billsec <= 12, cdr
     view = await bed.settled(cdrs)
     check_bills(view, cdrs, bed.settings, bed.topups)
+    await assert_verified(bed.store.ledger)
 
 
 @pytest.mark.parametrize(("deck", "hold_ms"), [("1/1", 40_000), ("30/6", 60_000)])
@@ -541,6 +546,7 @@ async def test_kill_longer_than_grace_ends_the_call_at_paid_time_plus_grace(
         f"billsec {cdr.billsec}, paid {paid} s at the kill, grace {grace} s")
     view = await bed.settled(cdrs)
     check_bills(view, cdrs, bed.settings, bed.topups)
+    await assert_verified(bed.store.ledger)
 
 
 async def answered_at(run: UacRun, within: float = 15) -> float:

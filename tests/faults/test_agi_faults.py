@@ -16,6 +16,7 @@ from prepaid.rating import block_cost
 from prepaid.store import Store, open_store
 from testbed.agi_peer import AgiPeer, agi_env
 from testbed.ami_peer import wait_until
+from tests.conftest import assert_verified
 from tests.faults.conftest import cli_async, lines, settings
 
 DECK = """prefix,name,price_per_minute,connect_fee,initial_increment,increment
@@ -131,6 +132,7 @@ async def test_garbage_and_stalled_clients_do_not_delay_real_authorizations(
     assert len(dropped) == 40
     assert any("timed out" in d or "within" in d for d in dropped), dropped[:3]
     assert not lines(caplog, "", logger="agi", level=logging.ERROR)
+    await assert_verified(store.ledger)
 
 
 async def test_stalled_clients_holding_every_slot_refuse_calls_until_the_header_timeout(
@@ -157,6 +159,7 @@ async def test_stalled_clients_holding_every_slot_refuse_calls_until_the_header_
         served, seconds = await timed_call(server.port, "after", "1001", within=2.0)
         assert served.set_vars["PREPAID_STATUS"] == "ALLOWED" and seconds < 1.0
         assert await store.ledger.holds("1001") == {"call:after": BLOCK}
+        await assert_verified(store.ledger)
     finally:
         await server.close()
         await store.close()
@@ -204,6 +207,7 @@ async def test_a_10x_burst_of_200_calls_for_20_accounts_never_over_reserves(
         shown = await cli_async(redis_url, tmp_path, "balance", "2000")
         assert shown.output.strip() == (
             "2000: EUR 0.85 (EUR 0.80 held for live calls, EUR 0.05 available)")
+        await assert_verified(store.ledger)
     finally:
         await server.close()
         await store.close()

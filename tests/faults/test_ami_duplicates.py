@@ -16,6 +16,7 @@ from prepaid.rating import cost
 from testbed.ami_peer import PER_SECOND, RECORDINGS, authorize, load, open_account
 from testbed.replies import entries
 from testbed.servers import RedisServer
+from tests.conftest import assert_verified
 from tests.faults.conftest import US, lines
 
 START = 10_000_000
@@ -71,5 +72,6 @@ async def test_duplicated_and_reordered_events_bill_exactly_once(
         assert all(e.amount <= 0 for e in history if e.kind != "credit"), name
         assert len(entries(await ledger.redis.xrange(calls_key(ledger, "alice")))) == 1, name
         assert rec.ref not in meter.tracker.calls and meter.errors == 0, name
+        await assert_verified(ledger)
     # What the admin sees: nothing above DEBUG (the duplicates are counted as oddities).
     assert not lines(caplog, "", logger="ami_listener", level=logging.WARNING)

@@ -19,6 +19,7 @@ from prepaid.config import AmiSettings
 from prepaid.ledger import Ledger
 from prepaid.rating import Rate, cost, covered_seconds
 from testbed.ami_peer import FIXTURES, Recording, authorize, load, open_account, wait_until
+from tests.conftest import assert_verified
 from tests.faults.conftest import US, AmiRelay, BacklogPeer, lines, retime, settings, with_billsec
 
 START = 10_000_000
@@ -152,6 +153,7 @@ async def test_ami_link_cut_for_30_s_while_calls_end(
         _, listed = await recent_calls(conf, acct, 10)  # what `prepaid calls` prints
         assert [(x["cost"], x["source"]) for x in listed] == [(expected[acct], sources[acct])]
     assert len(peer.sent("CoreShowChannels")) == 2
+    await assert_verified(ledger)
     # What the admin sees: the loss once (failed reconnects only at DEBUG), the return once.
     [lost] = lines(caplog, "AMI link lost", level=logging.WARNING)
     assert "silent" in lost  # noticed by unanswered Pings: a dead path sends no FIN

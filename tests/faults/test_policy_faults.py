@@ -17,6 +17,7 @@ from policy.gateway import ChargeResult, GatewayTimeout, SandboxGateway
 from policy.mailer import MailQueue
 from prepaid.store import Store, open_store
 from testbed.servers import Mailbox, RedisServer
+from tests.conftest import assert_verified
 from tests.faults.conftest import cli_async, lines
 from tests.test_policy_support import (
     EUR,
@@ -95,6 +96,7 @@ async def test_smtp_down_for_minutes_delivers_every_mail_once_in_order(
         assert len(lines(caplog, "mail manual:1001:inv-", logger="policy.mailer")) == 5
         shown = await cli_async(redis_url, tmp_path, "balance", "1001")
         assert shown.output.strip() == "1001: EUR 15.00"
+        await assert_verified(st.ledger)
     finally:
         server.stop()
         await st.close()
@@ -159,6 +161,7 @@ async def test_gateway_timing_out_after_charging_charges_once_and_credits_once(
     history = await cli_async(redis_url, tmp_path, "history", "1001", "--json")
     entries = json.loads(history.output)
     assert [e["amount"] for e in entries if e["kind"] == "credit"] == ["20.00", "10.00"]
+    await assert_verified(store.ledger)
 
 
 async def test_gateway_timing_out_after_charging_every_time_is_given_up_charged_not_credited(
@@ -191,6 +194,7 @@ async def test_gateway_timing_out_after_charging_every_time_is_given_up_charged_
     assert "could not be reached" in text and gateway.keys[0] in text
     assert "contact support" in " ".join(text.split())
     assert "automatically" not in text
+    await assert_verified(store.ledger)
 
 
 async def test_redis_dying_while_a_crossing_is_handled_is_retried_at_once_and_made_once(
@@ -233,6 +237,7 @@ async def test_redis_dying_while_a_crossing_is_handled_is_retried_at_once_and_ma
         assert await automatic_credits(st) == [20 * EUR]  # credited once
         assert len(lines(caplog, "Redis (policy outbox) unavailable", logger="policy.worker",
                          level=logging.ERROR)) == 1
+        await assert_verified(st.ledger)
     finally:
         await st.close()
         sink.stop()

@@ -23,6 +23,7 @@ from shell.serve import run_services
 from testbed.agi_peer import AgiPeer, agi_env
 from testbed.ami_peer import FIXTURES, PER_SECOND, AmiPeer, load, wait_until
 from testbed.servers import RedisServer, free_port
+from tests.conftest import assert_verified
 from tests.faults.conftest import EUR, cli_async, lines, settings
 from tests.test_policy_support import Smtp
 
@@ -158,6 +159,7 @@ async def test_redis_killed_and_restarted_mid_call_bills_exactly_once(
         shown = await cli_async(aof_redis.url, tmp_path, "balance", "1001")
         assert shown.output.strip() == (
             "1001: EUR 9.91 (EUR 0.06 held for live calls, EUR 9.85 available)")
+        await assert_verified(ledger)
     finally:
         await admin.aclose()
     # What the admin sees: each service logs the outage once and its recovery once.
