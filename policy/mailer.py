@@ -32,6 +32,7 @@ from redis.exceptions import RedisClusterException, RedisError
 from policy.decide import retry_delay
 from prepaid import keys, lua, metrics
 from prepaid.config import SmtpSettings
+from prepaid.deadletters import DeadLetters
 from prepaid.errors import ConfigError
 from prepaid.outage import OutageLog
 from prepaid.redis_client import REDIS_ERRORS, RedisClient
@@ -158,10 +159,14 @@ def _permanent(exc: Exception) -> bool:
     return False
 
 
+# SMTP or Redis away: the batch waits and is retried (with back-off), never counted.
+_OUTAGES = (RedisError, RedisClusterException, aiosmtplib.SMTPException, OSError, TimeoutError)
+
+
 class MailWorker:
     def __init__(self, client: RedisClient, smtp: SmtpSettings, *, prefix: str = "prepaid",
                  consumer: str | None = None, claim_idle_ms: int = 60_000,
-                 batch: int = 20) -> None:
+                 batch: int = 20, dead_letter_after: int = 5) -> None:
         self.redis = client
         self.queue = MailQueue(client, prefix)
         self.sender = SmtpSender(smtp)
@@ -172,7 +177,9 @@ class MailWorker:
         self.redis_outage = OutageLog(log, "Redis (mail queue)")
         # Its own failures again at once: run() backs off while SMTP or Redis is down.
         self.group = ConsumerGroup(client, self.queue.stream_key, GROUP, self.consumer,
-                                   claim_idle_ms=claim_idle_ms, retry_idle_ms=0, batch=batch)
+                                   claim_idle_ms=claim_idle_ms, retry_idle_ms=0, batch=batch,
+                                   dead_letters=DeadLetters(client, prefix),
+                                   dead_letter_after=dead_letter_after)
 
     async def ensure_group(self) -> None:
         await self.group.ensure()
@@ -194,7 +201,12 @@ class MailWorker:
         try:
             async with self.sender.connection() as smtp:
                 for entry_id, fields in rows:
-                    done += await self._one(smtp, entry_id, fields)
+                    try:
+                        done += await self._one(smtp, entry_id, fields)
+                    except _OUTAGES:
+                        raise
+                    except Exception as exc:  # this mail only (a bad record, a bug)
+                        done += await self.group.failed(entry_id, fields, exc)
         except (RedisError, RedisClusterException) as exc:
             self.redis_outage.failure(exc)
             return done

@@ -54,14 +54,17 @@ class PhoneTopups(PolicyWorker):
                  gateway: Gateway, *, consumer: str | None = None,
                  claim_idle_ms: int = 60_000, lock_seconds: int = 120, max_attempts: int = 5,
                  batch: int = 20, now: Callable[[], float] = time.time,
-                 retry_idle_ms: int = 500) -> None:
+                 retry_idle_ms: int = 500, dead_letter_after: int = 5) -> None:
         super().__init__(client, ledger, settings, gateway, consumer=consumer,
                          claim_idle_ms=claim_idle_ms, lock_seconds=lock_seconds,
-                         max_attempts=max_attempts, batch=batch, now=now)
+                         max_attempts=max_attempts, batch=batch, now=now,
+                         dead_letter_after=dead_letter_after)
         self.redis_outage = OutageLog(log, "Redis (phone top-ups)")
         self.group = ConsumerGroup(client, selfservice.requests_key(ledger.prefix), GROUP,
                                    self.consumer, claim_idle_ms=self.claim_idle_ms,
-                                   retry_idle_ms=retry_idle_ms, batch=self.batch)
+                                   retry_idle_ms=retry_idle_ms, batch=self.batch,
+                                   dead_letters=self.dead_letters,
+                                   dead_letter_after=dead_letter_after)
 
     async def _sweep_if_due(self) -> None:
         """Nothing to sweep: requests are written straight to their stream."""
@@ -240,7 +243,8 @@ async def run_phone(store: Store, stop: asyncio.Event) -> None:
                          make_gateway(settings, store.redis),
                          claim_idle_ms=int(settings.policy.claim_idle_seconds * 1000),
                          lock_seconds=settings.policy.topup_lock_seconds,
-                         max_attempts=settings.policy.gateway_max_attempts)
+                         max_attempts=settings.policy.gateway_max_attempts,
+                         dead_letter_after=settings.policy.dead_letter_after)
     block_ms = max(50, min(500, int(settings.redis.timeout * 1000 / 2)))
     log.info("phone top-up worker %s started", worker.consumer)
     await worker.run(stop, block_ms)

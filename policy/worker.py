@@ -45,6 +45,7 @@ from policy.mailer import MailQueue, MailWorker, Templates, compose
 from policy.payments import make_gateway
 from prepaid import lua, metrics
 from prepaid.config import Settings
+from prepaid.deadletters import DeadLetters
 from prepaid.errors import InputError, StoreUnavailable, UnknownAccount
 from prepaid.ledger import Account, Ledger
 from prepaid.money import format_amount
@@ -79,7 +80,8 @@ class PolicyWorker:
                  gateway: Gateway, *, consumer: str | None = None,
                  claim_idle_ms: int = 60_000, lock_seconds: int = 120, max_attempts: int = 5,
                  batch: int = 20, now: Callable[[], float] = time.time,
-                 sweep_seconds: float = 30.0, sweep_min_age: float = 5.0) -> None:
+                 sweep_seconds: float = 30.0, sweep_min_age: float = 5.0,
+                 dead_letter_after: int = 5) -> None:
         self.redis = client
         self.ledger = ledger
         self.settings = settings
@@ -97,11 +99,14 @@ class PolicyWorker:
         self.redis_outage = OutageLog(log, "Redis (policy outbox)")
         self._unlock = client.register_script(lua.TOPUP_UNLOCK)
         self._lock = client.register_script(lua.TOPUP_LOCK)
+        self.dead_letters = DeadLetters(client, self.prefix)
+        self.dead_letter_after = dead_letter_after
         # Its own failures again only after claim_idle_ms: a top-up waiting for the lock or
         # for a gateway retry must not spin (prepaid/streams.py).
         self.group = ConsumerGroup(client, ledger.outbox_key, GROUP, self.consumer,
                                    claim_idle_ms=claim_idle_ms, retry_idle_ms=claim_idle_ms,
-                                   batch=batch)
+                                   batch=batch, dead_letters=self.dead_letters,
+                                   dead_letter_after=dead_letter_after)
         self.sweep_seconds = sweep_seconds
         self.sweep_min_age = sweep_min_age  # younger crossings are left to their writer
         self._next_sweep = 0.0  # monotonic time; 0: sweep on the first batch
@@ -132,13 +137,23 @@ class PolicyWorker:
     async def process_batch(self, block_ms: int | None = None) -> int:
         """Handle what is waiting; return how many events were acknowledged.
 
-        Redis outages are logged once and leave the events for a later batch.
+        Redis outages are logged once and leave the events for a later batch. An event
+        whose handling raises (a bad record, a bug) is left to retry, the others go on;
+        after ``dead_letter_after`` failures it is parked (prepaid/deadletters.py).
         """
         try:
-            rows = await self.fetch(block_ms)
+            rows = await self.group.fetch(block_ms)
             acked = 0
-            for entry_id, fields in rows:
-                if await self.handle(entry_id, fields):
+            for entry_id, raw in rows:
+                try:
+                    done = await self.handle(entry_id, {text(k): text(v)
+                                                        for k, v in raw.items()})
+                except OUTAGES:
+                    raise
+                except Exception as exc:  # this event only; never the worker
+                    acked += await self.group.failed(entry_id, raw, exc)
+                    continue
+                if done:
                     await self.group.ack(entry_id)
                     acked += 1
         except OUTAGES as exc:
@@ -363,9 +378,11 @@ async def run(store: Store, stop: asyncio.Event) -> None:
                           claim_idle_ms=claim_idle_ms,
                           lock_seconds=settings.policy.topup_lock_seconds,
                           max_attempts=settings.policy.gateway_max_attempts,
-                          sweep_seconds=settings.policy.sweep_seconds)
+                          sweep_seconds=settings.policy.sweep_seconds,
+                          dead_letter_after=settings.policy.dead_letter_after)
     mailer = MailWorker(store.redis, settings.smtp, prefix=settings.redis.key_prefix,
-                        claim_idle_ms=claim_idle_ms)
+                        claim_idle_ms=claim_idle_ms,
+                        dead_letter_after=settings.policy.dead_letter_after)
     block_ms = max(50, min(500, int(settings.redis.timeout * 1000 / 2)))
     log.info("policy worker %s started (gateway %s)", worker.consumer, settings.payments.gateway)
     async with asyncio.TaskGroup() as tasks:

@@ -170,6 +170,9 @@ class PolicySettings:
     topup_lock_seconds: int = 120
     gateway_max_attempts: int = 5
     sweep_seconds: float = 30.0  # how often lost crossing events are looked for
+    # An event (policy, phone top-up, mail) whose handling failed this many times (a bad
+    # record, a bug; outages do not count) is parked in the dead-letter stream.
+    dead_letter_after: int = 5
 
 
 @dataclass(frozen=True)
@@ -320,6 +323,8 @@ def _validate(s: Settings, where: str) -> None:
         check_email(s.smtp.sender, "[smtp] from")
     except InputError as exc:
         raise ConfigError(f"{where}: {exc}") from None
+    if s.policy.dead_letter_after < 1:
+        raise ConfigError(f"{where}: [policy] dead_letter_after must be at least 1")
     if s.billing.max_call_seconds < 1:
         raise ConfigError(f"{where}: [billing] max_call_seconds must be at least 1")
 

@@ -99,3 +99,14 @@ def selfservice_requests(prefix: str) -> str:
 def selfservice_result(prefix: str, account_id: str, request_key: str) -> str:
     """The short-lived outcome of one phone top-up request, which the menu polls."""
     return account_part(prefix, account_id, f"selfservice:{request_key}")
+
+
+def dead_letters(prefix: str) -> str:
+    """The dead-letter stream: events of any consumer-group stream whose handling kept
+    failing (prepaid/deadletters.py)."""
+    return f"{prefix}:{{deadletters}}"
+
+
+def dead_letter_attempts(prefix: str, stream: str, entry_id: str) -> str:
+    """How often the handling of one stream entry failed so far (expires after a week)."""
+    return f"{prefix}:{{deadletters}}:attempts:{stream}:{entry_id}"

@@ -45,6 +45,12 @@ AGI_REFUSED = Counter("prepaid_agi_refused",
 HOLDS_REAPED = Counter("prepaid_holds_reaped",
                        "Holds of calls no longer on their server, given back by its listener")
 AMI_RECONNECTS = Counter("prepaid_ami_reconnects", "Times the AMI link was re-established")
+DEAD_LETTERS = Counter("prepaid_dead_letters",
+                       "Stream events parked in the dead-letter stream after failing "
+                       "[policy] dead_letter_after times, by source stream", ["stream"])
+EVENT_FAILURES = Counter("prepaid_event_failures",
+                         "Failed handlings of a stream event (a bad record, a bug), by stream",
+                         ["stream"])
 OUTBOX_LAG = Gauge("prepaid_outbox_lag", "Policy events waiting or pending in the outbox",
                    multiprocess_mode="livemax")
 

@@ -14,6 +14,10 @@ new work, and new work waits behind at most one batch. ``retry_idle_ms`` is how 
 consumer tries its own failures again: 0 for the mail worker (it backs off by itself while
 SMTP is down), ``claim_idle_ms`` for the policy worker (a top-up that waits for a lock or
 for a gateway retry must not spin).
+
+A handling that raises (a bad record, a bug; not an outage) is reported with ``failed``:
+after ``dead_letter_after`` failures the entry is parked in the dead-letter stream
+(prepaid/deadletters.py), so one bad event never stops a worker or comes back forever.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from typing import Any
 
 from redis.exceptions import ResponseError
 
+from prepaid.deadletters import DeadLetters
 from prepaid.redis_client import RedisClient, text
 
 Entry = tuple[str, dict[bytes, bytes]]  # the entry id and its fields, as Redis sent them
@@ -29,8 +34,12 @@ Entry = tuple[str, dict[bytes, bytes]]  # the entry id and its fields, as Redis 
 
 class ConsumerGroup:
     def __init__(self, client: RedisClient, stream: str, group: str, consumer: str, *,
-                 claim_idle_ms: int, retry_idle_ms: int = 0, batch: int = 20) -> None:
+                 claim_idle_ms: int, retry_idle_ms: int = 0, batch: int = 20,
+                 dead_letters: DeadLetters | None = None, dead_letter_after: int = 5) -> None:
         self.redis = client
+        self.dead_letters = dead_letters
+        self.dead_letter_after = dead_letter_after
+        self._failed: set[str] = set()  # entries whose handling failed here, not yet done
         self.stream, self.group, self.consumer = stream, group, consumer
         self.claim_idle_ms, self.retry_idle_ms, self.batch = claim_idle_ms, retry_idle_ms, batch
         self._ready = False
@@ -66,6 +75,22 @@ class ConsumerGroup:
 
     async def ack(self, entry_id: str) -> None:
         await self.redis.xack(self.stream, self.group, entry_id)
+        if entry_id in self._failed:
+            self._failed.discard(entry_id)
+            if self.dead_letters is not None:
+                await self.dead_letters.succeeded(self.stream, entry_id)
+
+    async def failed(self, entry_id: str, fields: dict[bytes, bytes],
+                     exc: BaseException) -> bool:
+        """The handling of ``entry_id`` raised (not an outage): counted, and parked in the
+        dead-letter stream once it has failed ``dead_letter_after`` times (prepaid/
+        deadletters.py). True when parked; else it stays pending and is tried again."""
+        if self.dead_letters is None:
+            raise exc
+        parked = await self.dead_letters.failed(self.stream, self.group, entry_id, fields, exc,
+                                                self.dead_letter_after)
+        (self._failed.discard if parked else self._failed.add)(entry_id)
+        return parked
 
     async def _own_pending(self) -> list[Any]:
         if not self.retry_idle_ms:  # all of them: one round trip

@@ -38,6 +38,7 @@ from prepaid.ratedeck import CSV_COLUMNS, iter_csv, load_csv, rate_row, read_lin
 from prepaid.rating import Rate, billed_seconds, cost
 from prepaid.store import Store, open_store
 from shell.audit import verify_cmd
+from shell.deadletters import dead_letters
 from shell.serve import serve_forever
 
 T = TypeVar("T")
@@ -553,3 +554,4 @@ def serve(obj: Context, only: tuple[str, ...], log_level: str) -> None:
 for _command in (policy_cmd, card_group, calls_cmd, sounds):
     main.add_command(_command)
 main.add_command(verify_cmd)
+main.add_command(dead_letters)
