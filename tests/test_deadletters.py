@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -210,3 +212,84 @@ def test_dead_letter_after_is_checked(tmp_path: Path) -> None:
     assert parse({}, env={}).policy.dead_letter_after == 5
     with pytest.raises(ConfigError, match=r"\[policy\] dead_letter_after must be at least 1"):
         parse({"policy": {"dead_letter_after": 0}}, env={})
+
+
+async def test_prepaid_serve_keeps_its_policy_service_up_through_a_bad_record(
+        st: Store, smtp: Smtp, tmp_path: Path) -> None:
+    """The reproduction of the issue, on the real ``prepaid serve``: the policy service used
+    to die on the event and die again on every restart; now the same process serves on."""
+    from testbed.servers import free_port
+    from tests.test_serve import Serve, gone, spawn_serve
+
+    await bad_account(st, "2001")
+    await new_account(st, "2002", action="email", token="", email="bob@example.org")
+    await st.ledger.debit("2001", 6 * EUR, key="d1")
+    await st.ledger.debit("2002", 6 * EUR, key="d2")
+    conf = tmp_path / "serve.toml"
+    conf.write_text(f'[redis]\nurl = "{st.settings.redis.url}"\n'
+                    f'[agi]\nlisten = "127.0.0.1:{free_port()}"\nallow_unmetered = true\n'
+                    f'[ami]\nport = {free_port()}\nreconnect_max_seconds = 1.0\n'
+                    f'[smtp]\nhost = "127.0.0.1"\nport = {smtp.port}\n'
+                    f'from = "billing@pbx.test"\n'
+                    f'[policy]\ndead_letter_after = {TRIES}\nclaim_idle_seconds = 0.2\n')
+    run = cli(conf)
+    log = tmp_path / "serve.log"
+    proc = spawn_serve(conf, log)
+    s = Serve(proc, log, 0, None)
+    try:
+        kids = await s.started({"policy": 1})
+        await until(lambda: asyncio.sleep(0, [m for m in smtp.messages
+                                              if m["To"] == "bob@example.org"]), "bob's mail")
+        [letter] = await until(lambda: asyncio.to_thread(letters, run), "the dead letter")
+        assert letter["account"] == "2001" and letter["attempts"] == TRIES
+        assert (await asyncio.to_thread(run, "policy", "2001", "--email",
+                                        "erin@example.org")).exit_code == 0
+        assert (await asyncio.to_thread(run, "dead-letters", "retry", letter["id"])).exit_code == 0
+        await until(lambda: asyncio.sleep(0, [m for m in smtp.messages
+                                              if m["To"] == "erin@example.org"]), "erin's mail")
+        assert s.children()["policy"] == kids["policy"]  # never restarted
+        text = s.text()
+        assert text.count(f"failed {TRIES} times; parked in the dead-letter stream") == 1
+        assert "restarting it" not in text
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(proc.wait, 30) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+        for pids in s.children().values():
+            for pid in pids:
+                if not gone(pid):
+                    os.kill(pid, signal.SIGKILL)
+    assert [m["To"] for m in smtp.messages].count("erin@example.org") == 1
+
+
+async def test_a_mail_that_cannot_be_sent_is_parked_but_an_smtp_outage_never_counts(
+        st: Store, smtp: Smtp, run: Run) -> None:
+    from policy.mailer import MailQueue
+
+    stream = MailQueue(st.redis, st.ledger.prefix).stream_key
+    # A queue entry written by a bug or by hand: no From header, so sending raises.
+    await st.redis.xadd(stream, {"id": "low:9:1-0", "message": b"Subject: x\r\n\r\nbody"})
+    await new_account(st, "2002", action="email", token="", email="bob@example.org")
+    await st.ledger.debit("2002", 6 * EUR, key="d2")
+    assert await worker(st).process_batch() == 1
+    m = mailer(st, dead_letter_after=TRIES)
+    smtp.stop()
+    for _ in range(3 * TRIES):  # SMTP away: both mails wait, neither is counted
+        assert await m.process_batch() == 0
+    assert await asyncio.to_thread(letters, run) == []
+    smtp.start()
+    assert await m.process_batch() == 1  # bob's goes out; the bad one fails (1)
+    assert [str(x["To"]) for x in smtp.messages] == ["bob@example.org"]
+    for _ in range(TRIES - 1):
+        await m.process_batch()
+    [letter] = await asyncio.to_thread(letters, run)
+    assert letter["stream"] == stream and letter["group"] == "mailers"
+    assert letter["fields"]["id"] == "low:9:1-0" and "From" in letter["error"]
+    assert int((await st.redis.xpending(stream, "mailers"))["pending"]) == 0
+    assert parked_count("{mail}") >= 1
+    res = await asyncio.to_thread(run, "dead-letters", "drop", letter["id"])
+    assert res.exit_code == 0, res.output
+    assert await asyncio.to_thread(letters, run) == []
+    assert await m.process_batch() == 0 and len(smtp.messages) == 1
