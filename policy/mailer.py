@@ -46,7 +46,7 @@ def _kind(mail_id: str) -> str:
     return mail_id.split(":", 1)[0]
 
 KINDS = ("low_balance", "topup_receipt", "topup_failed", "manual_receipt", "phone_receipt",
-         "phone_failed")
+         "phone_failed", "support_request")
 GROUP = "mailers"
 RECORD_TTL = 30 * 86400
 

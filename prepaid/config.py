@@ -1,8 +1,8 @@
 """Configuration: one TOML file parsed once into frozen settings; errors name the key and file.
 
 Secrets may come from the environment instead of the file: ``PREPAID_REDIS_URL``,
-``PREPAID_AMI_SECRET``, ``PREPAID_AGI_SECRET``, ``PREPAID_SMTP_PASSWORD`` and
-``STRIPE_API_KEY``.
+``PREPAID_AMI_SECRET``, ``PREPAID_AGI_SECRET``, ``PREPAID_SMTP_PASSWORD``,
+``PREPAID_WEB_SECRET``, ``STRIPE_API_KEY`` and ``STRIPE_WEBHOOK_SECRET``.
 """
 
 from __future__ import annotations
@@ -180,6 +180,38 @@ class PaymentsSettings:
     gateway: str = "sandbox"
     stripe_api_key: str = field(default="", repr=False)
     stripe_api_base: str = ""
+    # Stripe's signing secret of the web page's webhook endpoint (whsec_...).
+    stripe_webhook_secret: str = field(default="", repr=False)
+
+
+@dataclass(frozen=True)
+class WebSettings:
+    """The "My account" page (policy/web/). Off while `listen` is empty."""
+
+    listen: str = ""  # HOST:PORT; loopback unless cert and key are set
+    cert: Path | None = None  # PEM certificate (chain) and key: served over HTTPS
+    key: Path | None = None
+    # Behind a reverse proxy that ends TLS on this host: its X-Forwarded-Proto/-For are
+    # believed from loopback only, and the page is HTTPS (Secure cookies, HSTS).
+    proxy: bool = False
+    public_url: str = ""  # https://host/ as customers reach it (Checkout's return URLs)
+    secret: str = field(default="", repr=False)  # signs sessions; empty: random per start
+    session_minutes: int = 30
+    support_email: str = ""  # where support requests (larger top-ups) are e-mailed
+    reconcile_seconds: float = 300.0  # how often Stripe is asked for unseen payments
+    page_size: int = 10  # history entries and calls per page
+
+    @property
+    def https(self) -> bool:
+        return self.cert is not None or self.proxy
+
+    @property
+    def host(self) -> str:
+        return self.listen.rsplit(":", 1)[0].strip("[]")
+
+    @property
+    def port(self) -> int:
+        return int(self.listen.rsplit(":", 1)[1])
 
 
 @dataclass(frozen=True)
@@ -198,6 +230,7 @@ class Settings:
     policy: PolicySettings = field(default_factory=PolicySettings)
     payments: PaymentsSettings = field(default_factory=PaymentsSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    web: WebSettings = field(default_factory=WebSettings)
 
 
 # Keys whose TOML value is an amount in currency units; they are stored in micro-units.
@@ -207,7 +240,9 @@ _RENAMED = {("smtp", "from"): "sender"}  # TOML name -> attribute
 _ENV = {("redis", "url"): "PREPAID_REDIS_URL", ("ami", "secret"): "PREPAID_AMI_SECRET",
         ("agi", "secret"): "PREPAID_AGI_SECRET",
         ("smtp", "password"): "PREPAID_SMTP_PASSWORD",
-        ("payments", "stripe_api_key"): "STRIPE_API_KEY"}
+        ("payments", "stripe_api_key"): "STRIPE_API_KEY",
+        ("payments", "stripe_webhook_secret"): "STRIPE_WEBHOOK_SECRET",
+        ("web", "secret"): "PREPAID_WEB_SECRET"}
 
 
 def _amounts(value: Any, name: str, where: str) -> int | tuple[int, ...]:
@@ -297,6 +332,41 @@ def _validate_agi(agi: AgiSettings, where: str) -> None:
                           f"{', '.join(ACCOUNT_SOURCES)}")
 
 
+_HOSTPORT = r"[^:\s]+:[0-9]{1,5}|\[[0-9a-fA-F:]+\]:[0-9]{1,5}"
+
+
+def _loopback_host(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _validate_web(web: WebSettings, where: str) -> None:
+    if (web.cert is None) != (web.key is None):
+        raise ConfigError(f"{where}: [web] cert and key go together: set both or neither")
+    if not web.listen:
+        return
+    if not re.fullmatch(_HOSTPORT, web.listen):
+        raise ConfigError(f"{where}: [web] listen {web.listen!r} must be HOST:PORT")
+    if web.cert is None and not _loopback_host(web.host):
+        raise ConfigError(f"{where}: [web] listen {web.listen!r} is not loopback, so the page "
+                          "must be HTTPS: set [web] cert and key, or listen on 127.0.0.1 "
+                          "behind a reverse proxy that ends TLS (proxy = true)")
+    if web.public_url and not re.fullmatch(r"https?://[^\s/?#]+(/[^\s?#]*)?", web.public_url):
+        raise ConfigError(f"{where}: [web] public_url {web.public_url!r} must be a URL like "
+                          "https://pbx.example.org/")
+    if web.session_minutes < 1 or web.page_size < 1:
+        raise ConfigError(f"{where}: [web] session_minutes and page_size must be at least 1")
+    if web.support_email:
+        try:
+            check_email(web.support_email, "[web] support_email")
+        except InputError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+
+
 def _validate(s: Settings, where: str) -> None:
     try:
         check_currency(s.billing.currency)
@@ -327,12 +397,13 @@ def _validate(s: Settings, where: str) -> None:
         raise ConfigError(f"{where}: [policy] dead_letter_after must be at least 1")
     if s.billing.max_call_seconds < 1:
         raise ConfigError(f"{where}: [billing] max_call_seconds must be at least 1")
+    _validate_web(s.web, where)
 
 
 _SECTIONS: dict[str, type[Any]] = {
     "redis": RedisSettings, "billing": BillingSettings, "ami": AmiSettings, "agi": AgiSettings,
     "smtp": SmtpSettings, "policy": PolicySettings, "payments": PaymentsSettings,
-    "metrics": MetricsSettings,
+    "metrics": MetricsSettings, "web": WebSettings,
 }
 
 

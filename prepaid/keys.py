@@ -110,3 +110,18 @@ def dead_letters(prefix: str) -> str:
 def dead_letter_attempts(prefix: str, stream: str, entry_id: str) -> str:
     """How often the handling of one stream entry failed so far (expires after a week)."""
     return f"{prefix}:{{deadletters}}:attempts:{stream}:{entry_id}"
+
+
+def support_requests(prefix: str) -> str:
+    """The stream of support requests from the web page (larger top-ups), for the admin."""
+    return f"{prefix}:support"
+
+
+def sandbox_checkout(prefix: str, session_id: str) -> str:
+    """One Checkout session of the sandbox gateway's hosted page (mode, account, amount)."""
+    return f"{prefix}:sandbox-checkout:{session_id}"
+
+
+def sandbox_checkouts(prefix: str) -> str:
+    """The sandbox's Checkout session ids by creation time, for the reconciliation pass."""
+    return f"{prefix}:sandbox-checkouts"

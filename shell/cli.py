@@ -26,6 +26,7 @@ from rich.table import Table
 from agi.commands import sounds
 from ami_listener.commands import calls_cmd
 from policy.commands import card_group, manual_topup, policy_cmd
+from policy.web.support import requests_cmd
 from prepaid import config as config_mod
 from prepaid import health, holds
 from prepaid.config import Settings
@@ -39,7 +40,7 @@ from prepaid.rating import Rate, billed_seconds, cost
 from prepaid.store import Store, open_store
 from shell.audit import verify_cmd
 from shell.deadletters import dead_letters
-from shell.serve import serve_forever
+from shell.serve import default_services, serve_forever
 
 T = TypeVar("T")
 LOOKUP_DURATIONS = (1, 30, 60, 61, 3600)
@@ -540,14 +541,14 @@ def status(obj: Context, as_json: bool) -> None:
 
 
 @main.command()
-@click.option("--only", type=click.Choice(["agi", "ami", "policy"]), multiple=True,
-              help="Run only these services (default: all).")
+@click.option("--only", type=click.Choice(["agi", "ami", "policy", "web"]), multiple=True,
+              help="Run only these services (default: all; web when [web] listen is set).")
 @click.option("--log-level", default="INFO", show_default=True,
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
 @pass_ctx
 def serve(obj: Context, only: tuple[str, ...], log_level: str) -> None:
-    """Run the FastAGI server, the AMI listener and the policy worker."""
-    serve_forever(obj.settings, only or ("agi", "ami", "policy"), log_level)
+    """Run the FastAGI server, the AMI listener, the policy worker and the web page."""
+    serve_forever(obj.settings, only or default_services(obj.settings), log_level)
 
 
 # Commands that live beside the services they belong to.
@@ -555,3 +556,4 @@ for _command in (policy_cmd, card_group, calls_cmd, sounds):
     main.add_command(_command)
 main.add_command(verify_cmd)
 main.add_command(dead_letters)
+main.add_command(requests_cmd)

@@ -52,6 +52,7 @@ from prometheus_client import multiprocess
 import agi.server
 import ami_listener.service
 import policy.phone
+import policy.web.app
 from prepaid import health, metrics
 from prepaid.config import Settings
 from prepaid.errors import ServeError
@@ -62,7 +63,10 @@ T = TypeVar("T")
 
 Runner = Callable[[Store, asyncio.Event], Coroutine[Any, Any, None]]
 SERVICES: dict[str, Runner] = {"agi": agi.server.run, "ami": ami_listener.service.run,
-                               "policy": policy.phone.serve}
+                               "policy": policy.phone.serve, "web": policy.web.app.run}
+# The services that take listening sockets the supervisor bound.
+_LISTENERS: dict[str, Callable[..., Coroutine[Any, Any, None]]] = {
+    "agi": agi.server.run, "web": policy.web.app.run}
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 STOP_SECONDS = 10.0  # a child asked to stop is killed after this
 BACKOFF_FIRST = 0.5
@@ -75,6 +79,12 @@ _ROOT = str(Path(__file__).resolve().parent.parent)  # where the packages are im
 def configure_logging(level: str) -> None:
     """The one logging set-up of ``prepaid serve``; each child calls it the same way."""
     logging.basicConfig(level=level, format=LOG_FORMAT)
+
+
+def default_services(settings: Settings) -> tuple[str, ...]:
+    """What ``prepaid serve`` runs without ``--only``: the web page too once
+    ``[web] listen`` is set."""
+    return ("agi", "ami", "policy", *(("web",) if settings.web.listen else ()))
 
 
 def backoff(failures: int) -> float:
@@ -102,13 +112,18 @@ class Prepared:
     """The sockets and the metrics server ``serve`` holds for its whole life."""
 
     agi_socks: list[socket.socket] = field(default_factory=list)
+    web_socks: list[socket.socket] = field(default_factory=list)
     metrics_server: Any = None
     multiprocess_dir: str | None = None
 
+    def socks(self, name: str) -> list[socket.socket]:
+        return {"agi": self.agi_socks, "web": self.web_socks}.get(name, [])
+
     def close(self) -> None:
-        for sock in self.agi_socks:
+        for sock in [*self.agi_socks, *self.web_socks]:
             sock.close()
         self.agi_socks = []
+        self.web_socks = []
         if self.metrics_server is not None:
             self.metrics_server.shutdown()
             self.metrics_server.server_close()
@@ -149,6 +164,8 @@ def prepare(settings: Settings, names: Sequence[str], *, multiprocess: bool) -> 
         if "agi" in names:
             agi.server.parse_allow(settings.agi.allow)
             prepared.agi_socks = agi.server.bind(settings.agi)
+        if "web" in names:
+            prepared.web_socks = policy.web.app.bind(settings)
         listen = settings.metrics.listen
         if listen:
             if multiprocess:
@@ -171,8 +188,8 @@ def prepare(settings: Settings, names: Sequence[str], *, multiprocess: bool) -> 
 def _runner(name: str, prepared: Prepared) -> Runner:
     """The service's run(); the AGI one on duplicates of the bound sockets (its server closes
     them when it stops; the originals stay open for the next start)."""
-    if name == "agi" and prepared.agi_socks:
-        return functools.partial(agi.server.run, socks=[s.dup() for s in prepared.agi_socks])
+    if name in _LISTENERS and prepared.socks(name):
+        return functools.partial(_LISTENERS[name], socks=[s.dup() for s in prepared.socks(name)])
     return SERVICES[name]
 
 
@@ -241,7 +258,7 @@ class ChildSpec:
     name: str
     settings: Settings
     log_level: str
-    fds: tuple[int, ...] = ()  # the AGI's listening sockets, inherited
+    fds: tuple[int, ...] = ()  # the AGI's (or the web page's) listening sockets, inherited
 
 
 class Supervisor:
@@ -262,7 +279,7 @@ class Supervisor:
         return env
 
     async def _spawn(self, name: str) -> asyncio.subprocess.Process:
-        fds = tuple(s.fileno() for s in self.prepared.agi_socks) if name == "agi" else ()
+        fds = tuple(s.fileno() for s in self.prepared.socks(name))
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-c", _CHILD, stdin=asyncio.subprocess.PIPE, pass_fds=fds,
             env=self._env())
@@ -383,8 +400,8 @@ async def _child(spec: ChildSpec) -> int:
     threading.Thread(target=_watch_parent, args=(loop, stop), name="parent-watch",
                      daemon=True).start()
     runner = SERVICES[spec.name]
-    if spec.name == "agi":
-        runner = functools.partial(agi.server.run,
+    if spec.name in _LISTENERS and spec.fds:
+        runner = functools.partial(_LISTENERS[spec.name],
                                    socks=[socket.socket(fileno=fd) for fd in spec.fds])
     store = await open_store(spec.settings, check=False)
     try:

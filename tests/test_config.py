@@ -39,11 +39,30 @@ def test_unknown_key_names_key_and_file(tmp_path: Path) -> None:
     ({"policy": {"threshold": "-1"}}, "[policy] threshold '-1' is negative"),
     ({"payments": {"gateway": "paypal"}}, "[payments] gateway 'paypal'"),
     ({"redis": {"url": "http://x"}}, "[redis] url"),
+    ({"web": {"listen": "0.0.0.0:8443"}}, "[web] listen '0.0.0.0:8443' is not loopback, so "
+                                          "the page must be HTTPS"),
+    ({"web": {"listen": "8080"}}, "[web] listen '8080' must be HOST:PORT"),
+    ({"web": {"cert": "/x.pem"}}, "[web] cert and key go together"),
+    ({"web": {"listen": "127.0.0.1:8080", "public_url": "pbx.example.org"}},
+     "[web] public_url 'pbx.example.org' must be a URL"),
+    ({"web": {"listen": "127.0.0.1:8080", "support_email": "a b@x"}}, "[web] support_email"),
+    ({"web": {"proxy": "yes"}}, "[web] proxy must be true or false"),
 ])
 def test_bad_values_are_named(data: dict[str, dict[str, object]], message: str) -> None:
     with pytest.raises(ConfigError) as err:
         parse(data, "conf.toml", env={})
     assert message in str(err.value) and str(err.value).startswith("conf.toml: ")
+
+
+def test_web_over_https_on_any_address_and_its_secret_from_the_environment() -> None:
+    s = parse({"web": {"listen": "0.0.0.0:8443", "cert": "/etc/c.pem", "key": "/etc/k.pem"}},
+              "/etc/p.toml", env={"PREPAID_WEB_SECRET": "s3cret",
+                                  "STRIPE_WEBHOOK_SECRET": "whsec_1"})
+    assert (s.web.https, s.web.host, s.web.port, s.web.secret) == (True, "0.0.0.0", 8443,
+                                                                  "s3cret")
+    assert s.payments.stripe_webhook_secret == "whsec_1"
+    assert "s3cret" not in repr(s) and "whsec_1" not in repr(s)
+    assert parse({}, env={}).web.listen == ""  # off unless asked for
 
 
 def test_not_toml(tmp_path: Path) -> None:

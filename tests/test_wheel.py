@@ -140,3 +140,4 @@ def test_the_sdist_builds_the_same_wheel(installed: Installed, tmp_path: Path) -
     assert from_sdist == from_tree
     assert {f"agi/sounds/{n}.wav" for n in prompt_names()} <= from_sdist
     assert "prepaid/ledger.lua" in from_sdist and "policy/templates/low_balance.txt" in from_sdist
+    assert {"policy/web/templates/account.html", "policy/web/templates/app.css"} <= from_sdist

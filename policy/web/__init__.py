@@ -1,0 +1,1 @@
+"""The "My account" web page of the policy service."""
