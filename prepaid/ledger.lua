@@ -1,7 +1,8 @@
 -- The credit ledger: every balance change of one account in one atomic step.
 -- KEYS: 1 account hash, 2 holds hash, 3 history stream, 4 idempotency hash, 5 the account's
 -- outbox stream (all in the account's hash tag, so the script touches one cluster slot)
--- ARGV: 1 op, 2 idempotency key, 3 amount (micro-units), 4 reference, 5 hold id, 6 flags
+-- ARGV: 1 op, 2 idempotency key, 3 amount (micro-units), 4 reference, 5 hold id, 6 flags,
+-- and for a correction (adjust, refund, reverse) 7 operator, 8 reason
 -- Reply: {status, balance, held, history entry id, crossed (0/1), hold amount}
 -- status is OK, DUP (same key seen: the first result is returned) or an error code.
 local acct, holds, hist, idem, outbox = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
@@ -29,7 +30,8 @@ if key ~= '' then
   end
 end
 
-if amount == nil or amount < 0 or amount > LIMIT then
+-- adjust alone is signed (a correction either way); every other amount is a magnitude
+if amount == nil or (amount < 0 and op ~= 'adjust') or math.abs(amount) > LIMIT then
   return {'BAD_AMOUNT', balance, held, '', 0, 0}
 end
 
@@ -73,6 +75,16 @@ elseif op == 'settle' or op == 'release' then
     redis.call('HDEL', holds, hold)
     held = held - hold_amount
   end
+elseif op == 'adjust' or op == 'refund' or op == 'reverse' then
+  -- corrections (prepaid/corrections.py): a refund takes a top-up back, a reverse gives
+  -- a call's charge back; only --force lets one take the balance below zero
+  if amount == 0 then return {'BAD_AMOUNT', balance, held, '', 0, 0} end
+  delta = amount
+  if op == 'refund' then delta = -amount end
+  if delta > 0 and balance + delta > LIMIT then return {'OVERFLOW', balance, held, '', 0, 0} end
+  if delta < 0 and flags ~= 'force' and balance + delta < 0 then
+    return {'BELOW_ZERO', balance, held, '', 0, 0}
+  end
 else
   return {'BAD_OP', balance, held, '', 0, 0}
 end
@@ -80,8 +92,13 @@ end
 balance = balance + delta
 redis.call('HSET', acct, 'balance', fmt(balance), 'held', fmt(held))
 
-local entry = redis.call('XADD', hist, '*', 'kind', op, 'amount', fmt(delta),
-  'balance', fmt(balance), 'held', fmt(held), 'ref', ref, 'hold', hold, 'key', key)
+local fields = {'kind', op, 'amount', fmt(delta), 'balance', fmt(balance), 'held', fmt(held),
+  'ref', ref, 'hold', hold, 'key', key}
+if ARGV[7] then
+  table.insert(fields, 'operator'); table.insert(fields, ARGV[7])
+  table.insert(fields, 'reason'); table.insert(fields, ARGV[8] or '')
+end
+local entry = redis.call('XADD', hist, '*', unpack(fields))
 
 -- Threshold crossing: only the change that takes the balance from at-or-above the
 -- threshold to below it emits an event, so concurrent debits yield exactly one.  It goes

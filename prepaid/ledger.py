@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,6 +64,9 @@ class Entry:
     balance: int
     held: int
     ref: str
+    key: str = ""
+    operator: str = ""  # corrections (adjust, refund, reverse) carry who made them and why
+    reason: str = ""
 
     @property
     def time(self) -> float:
@@ -213,12 +217,19 @@ class Ledger:
         """Newest first."""
         await self.get(account)
         rows = await self._call(self.redis.xrevrange(self.keys(account)[2], count=limit))
-        out = []
-        for entry_id, f in rows:
-            d = {k.decode(): v.decode() for k, v in f.items()}
-            out.append(Entry(entry_id.decode(), d["kind"], int(d["amount"]), int(d["balance"]),
-                             int(d["held"]), d.get("ref", "")))
-        return out
+        return [entry_from(entry_id, f) for entry_id, f in rows]
+
+    async def iter_history(self, account: str, page: int = 500) -> AsyncIterator[Entry]:
+        """Every history entry of the account, newest first, read in pages."""
+        end = "+"
+        while True:
+            rows = await self._call(self.redis.xrevrange(self.keys(account)[2], max=end,
+                                                         count=page))
+            for entry_id, f in rows:
+                yield entry_from(entry_id, f)
+            if len(rows) < page:
+                return
+            end = f"({text(rows[-1][0])}"
 
     async def holds(self, account: str) -> dict[str, int]:
         raw = await self._call(self.redis.hgetall(self.keys(account)[1]))
@@ -226,12 +237,12 @@ class Ledger:
 
     # -- money -------------------------------------------------------------
     async def _apply(self, op: str, account: str, amount: int, *, key: str, ref: str = "",
-                     hold: str = "", flags: str = "") -> Change:
+                     hold: str = "", flags: str = "", extra: tuple[str, ...] = ()) -> Change:
         check_account_id(account)
         if not key:
             raise ValueError("every ledger change needs an idempotency key")
         reply = await self._call(self.batch.script(
-            self._ledger, self.keys(account), [op, key, str(amount), ref, hold, flags]))
+            self._ledger, self.keys(account), [op, key, str(amount), ref, hold, flags, *extra]))
         status = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
         if status == "NO_ACCOUNT":
             raise UnknownAccount(account)
@@ -315,6 +326,26 @@ class Ledger:
     async def release(self, account: str, hold: str, *, key: str, ref: str = "") -> Change:
         return await self._apply("release", account, 0, key=key, ref=ref, hold=hold)
 
+    async def correct(self, kind: str, account: str, amount: int, *, key: str, ref: str,
+                      operator: str, reason: str, force: bool = False) -> Change:
+        """A correction, in history as its own ``kind``: ``adjust`` by a signed amount,
+        ``refund`` (takes ``amount`` back) or ``reverse`` (gives ``amount`` back).  One that
+        would take the balance below zero is refused (BELOW_ZERO) unless ``force``."""
+        if kind not in CORRECTIONS:
+            raise ValueError(f"not a correction: {kind}")
+        return await self._apply(kind, account, amount, key=key, ref=ref,
+                                 flags="force" if force else "", extra=(operator, reason))
+
+
+CORRECTIONS = ("adjust", "refund", "reverse")
+
+
+def entry_from(entry_id: bytes, f: dict[bytes, bytes]) -> Entry:
+    d = {k.decode(): v.decode() for k, v in f.items()}
+    return Entry(entry_id.decode(), d["kind"], int(d["amount"]), int(d["balance"]),
+                 int(d["held"]), d.get("ref", ""), d.get("key", ""), d.get("operator", ""),
+                 d.get("reason", ""))
+
 
 _MESSAGES = {
     "NO_CREDIT": "account {account!r} has too little available credit",
@@ -324,4 +355,5 @@ _MESSAGES = {
     "IDEM_CONFLICT": "idempotency key {key!r} was already used for a different change",
     "BAD_AMOUNT": "amount must be a positive number of micro-units",
     "OVERFLOW": "balance of {account!r} would be too large",
+    "BELOW_ZERO": "this would take the balance of {account!r} below zero; use --force to allow it",
 }

@@ -38,6 +38,7 @@ from prepaid.pins import check_pin, set_pin
 from prepaid.ratedeck import CSV_COLUMNS, iter_csv, load_csv, rate_row, read_lines
 from prepaid.rating import Rate, billed_seconds, cost
 from prepaid.store import Store, open_store
+from shell import ops
 from shell.audit import verify_cmd
 from shell.deadletters import dead_letters
 from shell.serve import default_services, serve_forever
@@ -77,14 +78,37 @@ def _fail(message: str) -> None:
     sys.exit(1)
 
 
+def _click_fail(exc: click.ClickException) -> None:
+    """click's own errors (usage, a bad option value) in the one style, on one line."""
+    message = " ".join(exc.format_message().split())
+    if isinstance(exc, click.UsageError) and exc.ctx is not None:
+        message += f" (see '{exc.ctx.command_path} -h')"
+    click.echo(f"prepaid: error: {message}", err=True)
+    sys.exit(exc.exit_code)
+
+
 class Group(click.Group):
-    """Turns every project error into one clear line and exit status 1."""
+    """Turns every project error, and click's, into one clear line and a non-zero exit."""
+
+    def make_context(self, info_name: str | None, args: list[str],
+                     parent: click.Context | None = None, **extra: Any) -> click.Context:
+        try:
+            return super().make_context(info_name, args, parent, **extra)
+        except click.exceptions.NoArgsIsHelpError:
+            raise  # `prepaid` alone prints the help
+        except click.ClickException as exc:
+            _click_fail(exc)
+            raise  # not reached: for mypy
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except PrepaidError as exc:
             _fail(str(exc))
+        except click.exceptions.NoArgsIsHelpError:
+            raise  # `prepaid account` alone prints the group's help
+        except click.ClickException as exc:
+            _click_fail(exc)
         except KeyboardInterrupt:
             sys.exit(130)
 
@@ -297,13 +321,15 @@ def history(obj: Context, account_id: str, limit: int, as_json: bool) -> None:
     if as_json:
         _emit([{"id": e.id, "time": e.time, "kind": e.kind, "amount": format_amount(e.amount),
                 "balance": format_amount(e.balance), "held": format_amount(e.held),
-                "reference": e.ref} for e in entries])
+                "reference": e.ref, "operator": e.operator, "reason": e.reason}
+               for e in entries])
         return
     table = Table("time", "kind", "amount", "balance", "reference", title=f"account {acct.id}")
     for e in entries:
         amount = format_amount(e.amount, acct.currency) if e.amount else "-"
+        ref = f"{e.ref} (by {e.operator}: {e.reason})" if e.operator else e.ref
         table.add_row(_when(e.time), e.kind, amount, format_amount(e.balance, acct.currency),
-                      e.ref)
+                      ref)
     console.print(table)
 
 
@@ -552,7 +578,7 @@ def serve(obj: Context, only: tuple[str, ...], log_level: str) -> None:
 
 
 # Commands that live beside the services they belong to.
-for _command in (policy_cmd, card_group, calls_cmd, sounds):
+for _command in (policy_cmd, card_group, calls_cmd, sounds, *ops.COMMANDS):
     main.add_command(_command)
 main.add_command(verify_cmd)
 main.add_command(dead_letters)
