@@ -21,7 +21,7 @@ from prepaid.errors import InputError, LedgerError, StoreUnavailable, UnknownAcc
 from prepaid.inputs import check_email
 from prepaid.money import check_currency, format_amount
 from prepaid.outage import OutageLog
-from prepaid.redis_client import REDIS_ERRORS, RedisClient, text
+from prepaid.redis_client import REDIS_ERRORS, RedisClient, mask_url, text
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +134,7 @@ class Ledger:
     def __init__(self, client: RedisClient, prefix: str = "prepaid", url: str = "") -> None:
         self.redis = client
         self.prefix = prefix
-        self.url = url
+        self.url = mask_url(url)  # only for messages: never with its password
         self._ledger = client.register_script(lua.LEDGER)
         # Concurrent changes (every live call's block at a tick) share round trips.
         self.batch = batching.of(client)

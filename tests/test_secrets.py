@@ -9,6 +9,7 @@ for each secret raw, URL-encoded and in pieces (a half-masked password shows a p
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import json
 import logging
@@ -28,9 +29,10 @@ import pytest
 from click.testing import CliRunner
 
 from prepaid.config import load
-from prepaid.errors import ConfigError, InputError
+from prepaid.errors import ConfigError, InputError, StoreUnavailable
 from prepaid.redis_client import connect, mask_url
 from shell.cli import main
+from testbed.ami_peer import AmiPeer
 from testbed.servers import RedisServer, free_port
 
 PREPAID = str(Path(sys.executable).parent / "prepaid")
@@ -296,54 +298,80 @@ def locked_redis() -> Iterator[RedisServer]:
     server.cleanup()
 
 
-def _wait_for(path: Path, pattern: str, proc: subprocess.Popen[bytes],
-              within: float = 30.0) -> str:
+def _spawn(conf: Path, log: Path) -> subprocess.Popen[bytes]:
+    with log.open("wb") as out:
+        return subprocess.Popen([PREPAID, "--config", str(conf), "serve", "--log-level", "DEBUG"],
+                                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+
+
+def _read(path: Path) -> str:
+    return path.read_text(errors="replace")
+
+
+async def _wait_for(path: Path, pattern: str, proc: subprocess.Popen[bytes],
+                    within: float = 30.0) -> str:
     deadline = time.monotonic() + within
     while True:
-        text = path.read_text(errors="replace")
+        text = _read(path)
         if re.search(pattern, text):
             return text
         if proc.poll() is not None or time.monotonic() > deadline:
             raise AssertionError(f"no {pattern!r} in the log of serve:\n{text}")
-        time.sleep(0.05)
+        await asyncio.sleep(0.05)
 
 
 @pytest.mark.parametrize("how", ["userinfo raw", "userinfo encoded", "query", "wrong password"])
-def test_serve_and_status_show_no_secret(tmp_path: Path, locked_redis: RedisServer,
-                                         how: str) -> None:
+async def test_serve_and_status_show_no_secret(tmp_path: Path, locked_redis: RedisServer,
+                                               how: str) -> None:
     port = locked_redis.port
     url = {"userinfo raw": f"redis://:{REDIS_PW}@127.0.0.1:{port}/0",
            "userinfo encoded": f"redis://default:{enc(REDIS_PW)}@127.0.0.1:{port}/0",
            "query": f"redis://127.0.0.1:{port}/0?password={enc(REDIS_PW)}",
            "wrong password": f"redis://:{USER_PW}@127.0.0.1:{port}/0"}[how]
+    ami = AmiPeer(secret="not-ours")  # refuses the login made with [ami] secret
+    await ami.start()
     conf = tmp_path / "prepaid.toml"
     conf.write_text(ALL_SECRETS.replace("[agi]\n", f"[agi]\nlisten = '127.0.0.1:{free_port()}'\n")
-                    .replace("[ami]\n", f"[ami]\nport = {free_port()}\n"
+                    .replace("[ami]\n", f"[ami]\nport = {ami.port}\n"
                              "reconnect_max_seconds = 1.0\n") + _url(url))
     conf.chmod(0o600)
     log = tmp_path / "serve.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen([PREPAID, "--config", str(conf), "serve", "--log-level", "DEBUG"],
-                                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True)
+    proc = _spawn(conf, log)
     try:
-        # Up, every service started, and the AMI (nothing listens) and Redis states logged.
-        _wait_for(log, r"serving agi, ami, policy", proc)
-        _wait_for(log, r"(?s)service agi started.*service ami started.*service policy started",
-                  proc)
-        _wait_for(log, r"AMI", proc)
+        # Up, every service started, the AMI login refused and the Redis state logged.
+        await _wait_for(log, r"serving agi, ami, policy", proc)
+        await _wait_for(log, r"(?s)service agi started.*service ami started.*service policy "
+                        "started", proc)
+        await _wait_for(log, r"AMI login as 'prepaid' at .* refused", proc)
         if how == "wrong password":
-            _wait_for(log, r"unavailable", proc)
-        status = _run(conf, {}, "status", "--json")
-        plain = _run(conf, {}, "status")
-        balance = _run(conf, {}, "balance", "1001")
+            await _wait_for(log, r"unavailable", proc)
+        status = await asyncio.to_thread(_run, conf, {}, "status", "--json")
+        plain = await asyncio.to_thread(_run, conf, {}, "status")
+        balance = await asyncio.to_thread(_run, conf, {}, "balance", "1001")
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(30)
-    text = log.read_text(errors="replace")
+        await asyncio.to_thread(proc.wait, 30)
+        await ami.stop()
+    assert ami.logins == 0
+    text = _read(log)
     for res in (status, plain, balance):
         text += res.stdout.decode(errors="replace") + res.stderr.decode(errors="replace")
     assert f"127.0.0.1:{port}" in text
     assert not leaks(text), text
     if how != "wrong password":
         assert json.loads(status.stdout)["redis"]["state"] == "up"
+
+
+async def test_the_ledger_names_its_redis_without_the_password() -> None:
+    from prepaid.ledger import Ledger
+
+    client = connect(f"redis://:{enc(REDIS_PW)}@{DEAD}/0", timeout=0.5)
+    try:
+        ledger = Ledger(client, url=f"redis://:{REDIS_PW}@{DEAD}/0")  # given raw by a caller
+        with pytest.raises(StoreUnavailable) as err:
+            await ledger.get("1001")
+        assert f"Redis at redis://:***@{DEAD}/0 is unavailable" in str(err.value)
+        assert not leaks(str(err.value))
+    finally:
+        await client.aclose()
