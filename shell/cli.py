@@ -24,7 +24,6 @@ from rich.progress import (
 from rich.table import Table
 
 from agi.commands import sounds
-from ami_listener.commands import calls_cmd
 from policy.commands import card_group, manual_topup, policy_cmd
 from policy.web.support import requests_cmd
 from prepaid import config as config_mod
@@ -32,13 +31,13 @@ from prepaid import health, holds
 from prepaid.config import Settings
 from prepaid.errors import InputError, PrepaidError, RateError
 from prepaid.inputs import check_email, check_reference
-from prepaid.ledger import Account, Change, Entry, account_json, check_account_id
+from prepaid.ledger import Account, Change, account_json, check_account_id
 from prepaid.money import check_currency, format_amount, parse_amount
 from prepaid.pins import check_pin, set_pin
 from prepaid.ratedeck import CSV_COLUMNS, iter_csv, load_csv, rate_row, read_lines
 from prepaid.rating import Rate, billed_seconds, cost
 from prepaid.store import Store, open_store
-from shell import ops
+from shell import ops, reports
 from shell.audit import verify_cmd
 from shell.deadletters import dead_letters
 from shell.serve import default_services, serve_forever
@@ -308,31 +307,6 @@ def balance(obj: Context, account_id: str, as_json: bool) -> None:
     click.echo(line)
 
 
-@main.command()
-@click.argument("account_id")
-@click.option("--limit", default=20, show_default=True, type=click.IntRange(1, 100_000))
-@json_option
-@pass_ctx
-def history(obj: Context, account_id: str, limit: int, as_json: bool) -> None:
-    """Every change of ACCOUNT_ID's balance, newest first."""
-    async def body(st: Store) -> tuple[Account, list[Entry]]:
-        return await st.ledger.get(account_id), await st.ledger.history(account_id, limit)
-    acct, entries = obj.run(body)
-    if as_json:
-        _emit([{"id": e.id, "time": e.time, "kind": e.kind, "amount": format_amount(e.amount),
-                "balance": format_amount(e.balance), "held": format_amount(e.held),
-                "reference": e.ref, "operator": e.operator, "reason": e.reason}
-               for e in entries])
-        return
-    table = Table("time", "kind", "amount", "balance", "reference", title=f"account {acct.id}")
-    for e in entries:
-        amount = format_amount(e.amount, acct.currency) if e.amount else "-"
-        ref = f"{e.ref} (by {e.operator}: {e.reason})" if e.operator else e.ref
-        table.add_row(_when(e.time), e.kind, amount, format_amount(e.balance, acct.currency),
-                      ref)
-    console.print(table)
-
-
 def _age(seconds: float | None) -> str:
     if seconds is None:
         return "-"
@@ -578,7 +552,7 @@ def serve(obj: Context, only: tuple[str, ...], log_level: str) -> None:
 
 
 # Commands that live beside the services they belong to.
-for _command in (policy_cmd, card_group, calls_cmd, sounds, *ops.COMMANDS):
+for _command in (policy_cmd, card_group, sounds, *ops.COMMANDS, *reports.COMMANDS):
     main.add_command(_command)
 main.add_command(verify_cmd)
 main.add_command(dead_letters)

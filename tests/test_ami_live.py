@@ -9,13 +9,11 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
-from ami_listener.commands import calls_cmd
 from ami_listener.meter import Meter, calls_key
 from ami_listener.runners import LiveRunner
 from prepaid.callrecord import record_key
-from prepaid.config import AmiSettings, RedisSettings, Settings
+from prepaid.config import AmiSettings
 from prepaid.ledger import Ledger
 from prepaid.rating import block_cost, cost
 from testbed.ami_peer import (
@@ -32,6 +30,7 @@ from testbed.ami_peer import (
 )
 from testbed.replies import entries
 from testbed.servers import RedisServer
+from tests.conftest import Run
 
 START = 10_000_000
 SHARED = FIXTURES / "shared"
@@ -176,23 +175,21 @@ async def test_attaching_at_every_point_of_the_stream(ledger: Ledger, redis_serv
 
 
 async def test_calls_command_shows_the_metered_calls(ledger: Ledger, peer: AmiPeer,
-                                                     redis_url: str) -> None:
+                                                     run: Run) -> None:
     rec = load(SHARED / "answered-caller-hangs-up.ami")
     await open_account(ledger, START)
     await authorize(ledger, rec.ref, rec.channel, rec.number, PER_SECOND)
     await bill(ledger, peer, rec)
-    settings = Settings(redis=RedisSettings(url=redis_url))
-    runner = CliRunner()
-    out = await asyncio.to_thread(runner.invoke, calls_cmd, ["alice", "--json"], obj=settings)
+    out = await asyncio.to_thread(run, "calls", "alice", "--json")
     assert out.exit_code == 0, out.output
     data = json.loads(out.output)
     assert data["currency"] == "EUR"
     assert [(c["number"], c["billed"], c["cost"]) for c in data["calls"]] == [
-        ("00390612345678", 4, 90_000)]
-    table = await asyncio.to_thread(runner.invoke, calls_cmd, ["alice"], obj=settings)
+        ("00390612345678", 4, "0.09")]
+    table = await asyncio.to_thread(run, "calls", "alice")
     assert table.exit_code == 0 and "EUR 0.09" in table.output
     assert "00390612345678" in table.output
-    bad = await asyncio.to_thread(runner.invoke, calls_cmd, ["no such"], obj=settings)
+    bad = await asyncio.to_thread(run, "calls", "no such")
     assert bad.exit_code == 1 and "account id 'no such'" in bad.output
 
 

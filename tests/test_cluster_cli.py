@@ -10,6 +10,7 @@ import json
 from ami_listener.meter import Meter
 from ami_listener.runners import replay
 from prepaid.ledger import Ledger
+from prepaid.money import format_amount
 from prepaid.rating import cost
 from prepaid.redis_client import connect
 from testbed.ami_peer import PER_SECOND, authorize, load, open_account
@@ -39,4 +40,4 @@ def test_calls_lists_a_call_metered_on_the_cluster(run: Run, redis_url: str) -> 
     assert out.exit_code == 0, out.output
     data = json.loads(out.output)
     assert [(c["ref"], c["number"], c["cost"]) for c in data["calls"]] == [
-        (rec.ref, rec.number, cost(PER_SECOND, 3))]
+        (rec.ref, rec.number, format_amount(cost(PER_SECOND, 3)))]

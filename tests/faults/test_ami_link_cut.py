@@ -10,17 +10,16 @@ from functools import partial
 
 import pytest
 
-from ami_listener.commands import recent_calls
 from ami_listener.meter import Meter
 from ami_listener.protocol import Message
 from ami_listener.runners import LiveRunner
-from prepaid import callrecord
+from prepaid import callrecord, exports
 from prepaid.config import AmiSettings
 from prepaid.ledger import Ledger
 from prepaid.rating import Rate, cost, covered_seconds
 from testbed.ami_peer import FIXTURES, Recording, authorize, load, open_account, wait_until
 from tests.conftest import assert_verified
-from tests.faults.conftest import US, AmiRelay, BacklogPeer, lines, retime, settings, with_billsec
+from tests.faults.conftest import US, AmiRelay, BacklogPeer, lines, retime, with_billsec
 
 START = 10_000_000
 # 0.60/min and 0.05 to connect, in 6 s blocks (6/6 billing): 0.11 for the first, 0.06 each.
@@ -143,15 +142,14 @@ async def test_ami_link_cut_for_30_s_while_calls_end(
     if paid_a == 1:  # as good as the Cdr: 4 s billed in a 6 s first block
         assert expected["a"] == cost(SIX, a.billed_duration())
     sources = {"a": "estimate", "b": "cdr", "c": "events", "d": "cdr"}
-    conf = settings(redis_url)
     for acct in calls:
         account = await ledger.get(acct)
         assert account.balance == START - expected[acct], acct
         assert account.held == 0 and await ledger.holds(acct) == {}, acct  # no leak
         history = await ledger.history(acct, 1000)
         assert sum(e.amount for e in history) == account.balance, acct
-        _, listed = await recent_calls(conf, acct, 10)  # what `prepaid calls` prints
-        assert [(x["cost"], x["source"]) for x in listed] == [(expected[acct], sources[acct])]
+        listed = [c async for c in exports.calls(ledger, acct)]  # what `prepaid calls` shows
+        assert [(x.cost, x.source) for x in listed] == [(expected[acct], sources[acct])]
     assert len(peer.sent("CoreShowChannels")) == 2
     await assert_verified(ledger)
     # What the admin sees: the loss once (failed reconnects only at DEBUG), the return once.

@@ -12,8 +12,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from ami_listener.commands import recent_calls
-from prepaid import callrecord
+from prepaid import callrecord, exports
 from prepaid.ledger import Ledger
 from prepaid.ratedeck import parse_csv
 from prepaid.ratestore import RateStore
@@ -152,8 +151,8 @@ async def test_redis_killed_and_restarted_mid_call_bills_exactly_once(
         assert await ledger.holds("1001") == {"call:after-restart": 60_000}  # only the new call
         history = await ledger.history("1001", 1000)
         assert sum(e.amount for e in history) == account.balance
-        _, listed = await recent_calls(conf, "1001", 10)
-        assert [(c["ref"], c["billed"], c["cost"]) for c in listed] == [(rec.ref, 4, charged)]
+        listed = [c async for c in exports.calls(ledger, "1001")]  # what `prepaid calls` shows
+        assert [(c.ref, c.billed, c.cost) for c in listed] == [(rec.ref, 4, charged)]
         [mail] = smtp.messages
         assert mail["Subject"] == "Your prepaid balance is low: EUR 9.91"
         shown = await cli_async(aof_redis.url, tmp_path, "balance", "1001")
