@@ -264,3 +264,17 @@ def test_bad_input_is_one_line_and_exit_1(run: Run, args: list[str], message: st
     assert out.stdout == ""  # nothing half-written
     [line] = out.stderr.strip().splitlines()
     assert line.startswith("prepaid: error: ") and message in line
+
+
+def test_corrections_count_under_their_own_kind_with_their_sign(run: Run) -> None:
+    cli_ok(run, "account", "create", "1001")
+    cli_ok(run, "topup", "1001", "10.00", "--reference", "INV-1")
+    cli_ok(run, "topup", "1001", "5.00", "--reference", "INV-2")
+    cli_ok(run, "adjust", "1001", "2.50", "--reason", "goodwill", "--reference", "adj-1")
+    cli_ok(run, "adjust", "1001", "-1", "--reason", "typo", "--reference", "adj-2")
+    cli_ok(run, "refund", "INV-2", "--reason", "asked for it")
+    data = cli_ok(run, "report", "--json")
+    assert {t["kind"]: (t["count"], t["amount"]) for t in data["topups"]} == {
+        "manual": (2, "15.00"), "adjust": (2, "1.50"), "refund": (1, "-5.00")}
+    [entry] = [e for e in cli_ok(run, "history", "1001", "--csv") if e["reference"] == "adj-2"]
+    assert (entry["kind"], entry["amount"], entry["reason"]) == ("adjust", "-1.00", "typo")
