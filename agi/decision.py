@@ -53,7 +53,8 @@ class Decision:
     status: Status
     reason: Reason
     max_seconds: int = 0
-    dial_limit: str = ""  # "<max ms>:<warning ms>" for Dial's L() option
+    dial_limit: str = ""  # "<max ms>:<warning ms>" for Dial's L() option (a hard limit)
+    warning_limit: str = ""  # the shipped dialplan's L(): see warning_limit()
     hold: int = 0  # micro-units to reserve: connect fee + first block
     prompt: str = ""  # played (after ANSWER) before HANGUP when denied, if hanging up
     hangup: bool = False
@@ -80,6 +81,19 @@ def dial_limit(max_seconds: int, warning_ms: int) -> str:
     return f"{limit_ms}:{warning}"
 
 
+def warning_limit(max_seconds: int, cap_seconds: int, warning_ms: int) -> str:
+    """Dial L(x:y) of the shipped dialplan, which has Asterisk play the credit warning itself
+    (no AMI Originate, so the metering user needs no ``originate`` right): x is the [billing]
+    max_call_seconds cap, since the call's end is TIMEOUT(absolute), which metering extends
+    after a top-up; y puts the warning ``warning_ms`` before the paid ``max_seconds`` end, or
+    1 ms after answer when less is paid; y is 0 (no warning) with warnings off."""
+    cap_ms = max(cap_seconds, max_seconds) * 1000
+    if warning_ms <= 0:
+        return f"{cap_ms}:0"
+    at = max(1, max_seconds * 1000 - warning_ms)
+    return f"{cap_ms}:{cap_ms - at}"
+
+
 def deny(reason: Reason, policy: Policy) -> Decision:
     # The caller's account is fine: the system cannot take (or bill) the call right now.
     status = (Status.ERROR if reason in (Reason.INTERNAL, Reason.NO_METERING, Reason.BUSY,
@@ -97,6 +111,7 @@ def on_failure(policy: Policy) -> Decision:
         seconds = policy.max_call_seconds
         return Decision(Status.ALLOWED, Reason.FAIL_OPEN, seconds,
                         dial_limit(seconds, policy.warning_ms),
+                        warning_limit(seconds, policy.max_call_seconds, policy.warning_ms),
                         ring_seconds=policy.ring_seconds)
     return deny(Reason.INTERNAL, policy)
 
@@ -110,6 +125,7 @@ def decide(*, status: str, balance: int, threshold: int, rate: Rate, available: 
         return deny(Reason.NO_CREDIT, policy)
     seconds = max_call_seconds(rate, available, policy.max_call_seconds)
     return Decision(Status.ALLOWED, Reason.NONE, seconds, dial_limit(seconds, policy.warning_ms),
+                    warning_limit(seconds, policy.max_call_seconds, policy.warning_ms),
                     hold=block_cost(rate, 1), low_balance=0 < threshold and balance < threshold,
                     ring_seconds=policy.ring_seconds)
 

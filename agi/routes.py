@@ -233,6 +233,7 @@ async def _set_variables(session: AgiSession, decision: Decision, account: str,
               "PREPAID_DIAL_LIMIT": decision.dial_limit}
     if decision.allowed:
         values |= {"LIMIT_WARNING_FILE": WARNING_FILE,
+                   "PREPAID_WARNING_LIMIT": decision.warning_limit,
                    "PREPAID_LOW_BALANCE": "1" if decision.low_balance else "0",
                    "PREPAID_RING_SECONDS": str(decision.ring_seconds),
                    "PREPAID_TIMEOUT": str(decision.timeout)}

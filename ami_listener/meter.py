@@ -145,7 +145,7 @@ class Meter:
     """Runs tracker actions against Redis and AMI; feed it events and ticks."""
 
     def __init__(self, ledger: Ledger, *, prefix: str = "prepaid", warning_seconds: int = 60,
-                 commands: Commands | None = None, warning_context: str = "prepaid-warning",
+                 commands: Commands | None = None, warning_context: str = "",
                  system_name: str = "", grace_seconds: int = 30,
                  cdr_file: Path | None = None, reporter: Reporter | None = None,
                  max_hold_seconds: float = 3 * 3600 + callrecord.EXPIRY_MARGIN) -> None:
@@ -419,11 +419,17 @@ class Meter:
         return []
 
     async def _check_credit(self, action: CheckCredit) -> list[Action]:
-        account = await self.ledger.get(action.account)
-        if account.available >= action.amount or not action.channel:
+        # The dialplan warns by itself (Dial's L()) where the authorization's paid time ends.
+        # Only with [ami] warning_context set (and write=originate for the AMI user) does the
+        # listener whisper a warning for a credit that runs out elsewhere: spent by another
+        # call, or extended by a top-up after L() warned.
+        if not self.warning_context or action.foreseen or not action.channel:
             return []
-        log.info("call %s: credit runs out at block %s; warning the caller", action.ref,
-                 action.n)
+        account = await self.ledger.get(action.account)
+        if account.available >= action.amount:
+            return []
+        log.info("call %s: credit runs out at block %s, not where its authorization "
+                 "foresaw; warning the caller", action.ref, action.n)
         # A Local channel plays the prompt and whispers it to the caller through ChanSpy.
         self.commands.send("Originate", Channel=f"Local/s@{self.warning_context}/n",
                            Application="ChanSpy", Data=f"{action.channel},qwE",
@@ -465,7 +471,8 @@ def _info(h: dict[str, str]) -> CallInfo | None:
         return CallInfo(record.account, record.number, record.rate, record.hold,
                         record.channel, timestamp_us(answered) if answered else None,
                         int(h.get("blocks_paid", "0") or 0),
-                        int(noted) if noted.isdigit() else None)
+                        int(noted) if noted.isdigit() else None,
+                        max_seconds=record.max_seconds)
     except (KeyError, ValueError, TypeError) as exc:
         log.debug("unusable call record: %s", exc)
         return None

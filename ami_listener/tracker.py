@@ -74,6 +74,7 @@ class CallInfo:
     answered_us: int | None = None  # when resuming after a restart
     blocks_paid: int = 0
     cdr_billsec: int | None = None  # CDRs already posted for it (a transfer's first leg)
+    max_seconds: int = 0  # the paid time the authorization foresaw (Dial's L() warns by it)
 
 
 # -- actions ---------------------------------------------------------------------------
@@ -103,13 +104,16 @@ class ReleaseHold:
 
 @dataclass(frozen=True, slots=True)
 class CheckCredit:
-    """Block ``n`` starts in ``warning`` seconds: warn the caller if it can't be paid."""
+    """Block ``n`` starts in ``warning`` seconds: warn the caller if it can't be paid.
+    ``foreseen``: the authorization's paid time ends where block ``n`` starts, so the
+    dialplan's own warning (Dial's L()) is playing now."""
 
     ref: str
     account: str
     channel: str
     n: int
     amount: int
+    foreseen: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -605,7 +609,8 @@ class Tracker:
             if self.now >= warn_at:
                 call.warned = n
                 return [CheckCredit(call.ref, info.account, call.channel, n,
-                                    block_cost(info.rate, n))]
+                                    block_cost(info.rate, n),
+                                    covered_seconds(info.rate, n - 1) == info.max_seconds)]
             self._wake_at(call, warn_at)
         return []
 

@@ -71,7 +71,10 @@ class AmiSettings:
     secret: str = field(default="", repr=False)
     reconnect_max_seconds: float = 30.0
     warning_seconds: int = 60
-    warning_context: str = "prepaid-warning"
+    # The dialplan plays the credit warning itself (Dial's L()); with a context here (and
+    # write=originate for the AMI user), the listener also whispers one into a call whose
+    # credit runs out earlier or later than its authorization foresaw. Empty: never.
+    warning_context: str = ""
     # The systemname of this Asterisk (asterisk.conf); with several servers on one Redis,
     # each listener resumes and settles only the calls whose uniqueid carries its name.
     system_name: str = ""

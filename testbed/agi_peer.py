@@ -12,6 +12,8 @@ import shlex
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from agi.decision import warning_limit
+
 # Prompts play to their end (no key cuts them short).
 PLAYED = {"STREAM FILE": "200 result=0 endpos=12000", "SAY NUMBER": "200 result=0",
           "SAY DIGITS": "200 result=0"}
@@ -141,13 +143,16 @@ class AgiPeer:
 
 
 def variable_commands(status: str, reason: str, account: str, ref: str, max_seconds: str,
-                      dial_limit: str, low_balance: str | None = None) -> list[str]:
+                      dial_limit: str, low_balance: str | None = None,
+                      max_call_seconds: int = 3 * 3600) -> list[str]:
     """The command that sets the authorize route's variables: one EXEC MSet."""
     pairs = [f"PREPAID_STATUS={status}", f"PREPAID_REASON={reason}",
              f"PREPAID_ACCOUNT={account}", f"PREPAID_CALLREF={ref}",
              f"PREPAID_MAX_SECONDS={max_seconds}", f"PREPAID_DIAL_LIMIT={dial_limit}"]
     if status == "ALLOWED":
+        limit = warning_limit(int(max_seconds), max_call_seconds, 60_000)
         pairs += ["LIMIT_WARNING_FILE=prepaid/credit-expires-in-one-minute",
+                  f"PREPAID_WARNING_LIMIT={limit}",
                   f"PREPAID_LOW_BALANCE={low_balance or '0'}", "PREPAID_RING_SECONDS=60",
                   f"PREPAID_TIMEOUT={int(max_seconds) + 60}"]
     return ["EXEC MSet " + ",".join(pairs)]

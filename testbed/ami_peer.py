@@ -221,12 +221,13 @@ def load(path: Path) -> Recording:
 
 
 async def authorize(ledger: Ledger, ref: str, channel: str, number: str, rate: Rate,
-                    account: str = "alice", prefix: str = "prepaid") -> CallRecord:
+                    account: str = "alice", prefix: str = "prepaid",
+                    max_seconds: int = 3600) -> CallRecord:
     """What the AGI does before the Dial: reserve block 1, write the live-call record."""
     hold = block_cost(rate, 1)
     await ledger.reserve(account, hold_id(ref), hold, key=f"auth:{ref}", ref=f"call {ref}")
     record = CallRecord(account=account, number=number, digits=number.lstrip("0"), rate=rate,
-                        hold=hold, max_seconds=3600, channel=channel, uniqueid=ref)
+                        hold=hold, max_seconds=max_seconds, channel=channel, uniqueid=ref)
     await callrecord.write(ledger.redis, prefix, record)
     return record
 

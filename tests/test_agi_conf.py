@@ -31,6 +31,13 @@ def test_lint_does_catch_a_broken_dialplan(tmp_path: Path) -> None:
     assert result.returncode != 0 and "extensions.conf:" in result.stdout + result.stderr
 
 
+def test_dialplan_warns_by_dials_limit_not_by_the_listener() -> None:
+    text = (CONF / "extensions.conf").read_text()
+    dials = re.findall(r"^ same => n,Dial\((.*)\)$", text, re.M)
+    assert dials == ["${PREPAID_DIAL_PREFIX}${EXTEN}${PREPAID_DIAL_SUFFIX},"
+                     "${PREPAID_RING_SECONDS},L(${PREPAID_WARNING_LIMIT})"]
+
+
 def test_dialplan_uses_the_agi_global_and_the_contract_variables() -> None:
     text = (CONF / "extensions.conf").read_text()
     assert re.search(r"^PREPAID_AGI=agi://127\.0\.0\.1:4573$", text, re.M)
@@ -44,8 +51,6 @@ def test_dialplan_uses_the_agi_global_and_the_contract_variables() -> None:
                          "${PREPAID_AGI}/menu,${PREPAID_AGI_SECRET}"]
     assert re.search(r"^PREPAID_AGI_SECRET=$", text, re.M)
     assert "Set(TIMEOUT(absolute)=${PREPAID_TIMEOUT})" in text
-    assert ("Dial(${PREPAID_DIAL_PREFIX}${EXTEN}${PREPAID_DIAL_SUFFIX},${PREPAID_RING_SECONDS})"
-            in text)
     assert "[prepaid-outbound]" in text and "exten => *100," in text
 
 
@@ -53,7 +58,9 @@ def test_manager_user_has_least_rights() -> None:
     text = (CONF / "manager.conf").read_text()
     user = text.split("[prepaid]", 1)[1]
     rights = dict(re.findall(r"^(read|write) = (.*)$", user, re.M))
-    assert set(rights["write"].split(",")) == {"call", "originate", "reporting"}
+    # No originate: the dialplan plays the credit warning itself (Dial's L()).
+    assert set(rights["write"].split(",")) == {"call", "reporting"}
+    assert set(rights["read"].split(",")) == {"call", "cdr", "dialplan"}
     assert "system" not in rights["write"] and "config" not in rights["write"]
     assert "permit = 127.0.0.1/255.255.255.255" in user
     assert "deny = 0.0.0.0/0.0.0.0" in user

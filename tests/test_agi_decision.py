@@ -17,6 +17,7 @@ from agi.decision import (
     dialed_number,
     on_failure,
     pick_account,
+    warning_limit,
 )
 from agi.protocol import AgiError, parse_reply, quote
 from agi.routes import new_outage_log
@@ -30,8 +31,9 @@ POLICY = Policy()
 def test_enough_credit_allows_whole_increments() -> None:
     d = decide(status="active", balance=1_000_000, threshold=0, rate=GERMANY,
                available=1_000_000, policy=POLICY)
-    assert d == Decision(Status.ALLOWED, Reason.NONE, 900, "900000:60000", hold=160_000,
-                         ring_seconds=60)
+    # L() of the shipped dialplan: the 3 h cap, the warning 60 s before the 900 s paid end.
+    assert d == Decision(Status.ALLOWED, Reason.NONE, 900, "900000:60000",
+                         "10800000:9960000", hold=160_000, ring_seconds=60)
     assert d.timeout == 960  # TIMEOUT(absolute) before Dial: 60 s ringing + 900 s paid
 
 
@@ -67,6 +69,18 @@ def test_dial_limit_drops_a_warning_that_could_never_play() -> None:
     assert dial_limit(61, 60_000) == "61000:60000"
     assert dial_limit(60, 60_000) == "60000:0"
     assert dial_limit(30, 0) == "30000:0"
+
+
+def test_warning_limit_warns_before_the_paid_end_and_never_cuts_short_of_the_cap() -> None:
+    # L(x:y) warns at x - y after answer: 840 s, a minute before the 900 s paid end.
+    assert warning_limit(900, 10_800, 60_000) == "10800000:9960000"
+    # Less paid than the warning: at once (1 ms after answer; y < x or Asterisk drops it).
+    assert warning_limit(30, 600, 60_000) == "600000:599999"
+    assert warning_limit(60, 600, 60_000) == "600000:599999"
+    # Paid up to the cap (a free destination, fail open): a minute before the cap.
+    assert warning_limit(600, 600, 60_000) == "600000:60000"
+    assert warning_limit(900, 600, 60_000) == "900000:60000"  # never short of the paid time
+    assert warning_limit(900, 10_800, 0) == "10800000:0"  # warnings off
 
 
 def test_failure_is_closed_by_default_and_open_on_request() -> None:

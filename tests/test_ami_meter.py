@@ -143,14 +143,21 @@ async def test_top_up_during_the_call_lets_it_go_on(ledger: Ledger) -> None:
     assert sum(float(h["Value"]) < 15 for h in limits) == 1 and len(limits) == 8
 
 
-async def test_warning_when_another_call_spent_the_credit(ledger: Ledger) -> None:
+@pytest.mark.parametrize(("context", "foreseen_seconds", "whispered"), [
+    ("prepaid-warning", 3600, True),  # opted in, the credit ends before the foreseen 3600 s
+    ("prepaid-warning", 2, False),  # where the authorization foresaw: Dial's L() warns
+    ("", 3600, False),  # the default: no Originate, the AMI user needs no such right
+])
+async def test_warning_when_another_call_spent_the_credit(
+        ledger: Ledger, context: str, foreseen_seconds: int, whispered: bool) -> None:
     rec = load(SHARED / "answered-caller-hangs-up.ami")
     slow = Rate("39", "per minute", per_minute=600_000, connect_fee=0, initial=2,
                 increment=2)
     await open_account(ledger, 2 * block_cost(slow, 1))
-    await authorize(ledger, rec.ref, rec.channel, rec.number, slow)
+    await authorize(ledger, rec.ref, rec.channel, rec.number, slow,
+                    max_seconds=foreseen_seconds)
     sent = Sent()
-    meter = Meter(ledger, commands=sent, warning_seconds=1)
+    meter = Meter(ledger, commands=sent, warning_seconds=1, warning_context=context)
     meter.tracker.pay_ahead_us = 0  # so the other call can spend block 2's credit first
     answer_index = next(i for i, m in enumerate(rec.messages)
                         if m.get("Event") == "BridgeEnter" and m.get("Uniqueid") == rec.ref)
@@ -160,7 +167,11 @@ async def test_warning_when_another_call_spent_the_credit(ledger: Ledger) -> Non
     assert answered is not None
     await meter.tick(answered + 1_500_000)  # block 2 starts in 0.5 s and can't be paid
     originate = sent.named("Originate")
+    if not whispered:
+        assert originate == []
+        return
     assert len(originate) == 1 and originate[0]["Data"] == f"{rec.channel},qwE"
+    assert originate[0]["Channel"] == "Local/s@prepaid-warning/n"
     assert "credit-expires-in-one-minute" in originate[0]["Variable"]
 
 

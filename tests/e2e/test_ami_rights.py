@@ -1,6 +1,6 @@
 """The shipped AMI user of asterisk-conf/manager.conf on the real Asterisk 22: its event
 filters (in the legacy syntax Asterisk 18 and 20 accept too) let through exactly the events
-metering uses, and nothing else."""
+metering uses, and nothing else; it may not originate calls."""
 
 from __future__ import annotations
 
@@ -68,6 +68,10 @@ async def test_the_metering_user_gets_exactly_the_events_metering_uses(
         except AssertionError:
             wanted, got = streams()
             raise AssertionError(f"missing {wanted - got}\nextra {got - wanted}") from None
+        # Least rights: no originate (the dialplan's Dial L() plays the credit warning).
+        refused = await metering.action("Originate", Channel="Local/s@prepaid-warning/n",
+                                        Application="Wait", Data="1", Async="true")
+        assert (refused["Response"], refused.get("Message")) == ("Error", "Permission denied")
     finally:
         await metering.close()
     everything = system.ami.seen[since:]

@@ -424,9 +424,12 @@ async def test_call_is_cut_off_within_one_increment_when_credit_runs_out(
     charged = await system.check_billed(call, rate)
     acct = await system.store.ledger.get("1004")
     assert (acct.balance, acct.held) == (4 * EUR - charged, 0)
-    # The caller was warned: the listener whispered the prompt into the call (ChanSpy).
-    system.pbx.wait_for_log(r"Playing 'prepaid/credit-expires-in-one-minute\.", timeout=5,
-                            start=mark)
+    # The caller was warned: Asterisk played the prompt on the caller's own channel (Dial's
+    # L(), as the AGI set it), not a channel the listener originated (it has no such right).
+    assert call.answered is not None
+    system.pbx.wait_for_log(rf"{re.escape(call.answered['Channel'])}> Playing "
+                            r"'prepaid/credit-expires-in-one-minute\.", timeout=5, start=mark)
+    assert not [m for m in system.ami.seen if m.get("Event") == "ChanSpyStart"]
 
 
 async def test_credit_running_out_leaves_zero_not_an_overdraft(system: System) -> None:
