@@ -74,10 +74,24 @@ async def list_holds(ledger: Ledger, account: str, *, now: float | None = None
     return out
 
 
-async def release(ledger: Ledger, account: str, ref_or_hold: str, *, why: str) -> Change:
+async def release(ledger: Ledger, account: str, ref_or_hold: str, *, why: str,
+                  force: bool = False) -> Change:
     """Give a hold back through the ledger (one idempotency key per hold, a history entry).
-    A repeat is a duplicate; a hold that is not there is LedgerError NO_HOLD."""
+    A repeat is a duplicate; a hold that is not there is LedgerError NO_HOLD. The hold of a
+    call whose record says it is live (authorized or answered) is its metering's to settle:
+    LedgerError LIVE_CALL unless ``force``, and nothing changes."""
     hold = ref_or_hold if ref_or_hold.startswith(CALL_HOLD) else callrecord.hold_id(ref_or_hold)
+    if not force:
+        ref = hold[len(CALL_HOLD):]
+        record = await callrecord.read(ledger.redis, ledger.prefix, ref)
+        if (record is not None and record.account == account and record.state in LIVE_STATES
+                and hold in await ledger.holds(account)):
+            age = f", authorized {time.time() - record.authorized:.0f} s ago" \
+                if record.authorized else ""
+            raise LedgerError("LIVE_CALL", (
+                f"hold {hold} of account {account!r} belongs to a live call (state "
+                f"{record.state}, server {owner_of(ref) or '(no systemname)'}{age}): its "
+                "metering settles it when the call ends; --force releases it anyway"))
     return await ledger.release(account, hold, key=f"release:{hold}", ref=why)
 
 
@@ -121,7 +135,8 @@ async def reap(ledger: Ledger, *, system_name: str, live: set[str], max_age: flo
                 seen.add(f"{account}/{info.hold}")
                 continue
             try:
-                await release(ledger, account, info.hold, why=f"orphaned hold: {why}")
+                await release(ledger, account, info.hold, why=f"orphaned hold: {why}",
+                              force=True)  # orphaned() decided, old live records too
             except LedgerError as exc:
                 if exc.code != "NO_HOLD":  # settled meanwhile: nothing to do
                     raise

@@ -317,16 +317,21 @@ def _age(seconds: float | None) -> str:
 
 @main.command("holds", context_settings={"ignore_unknown_options": False})
 @click.argument("words", nargs=-1, required=True, metavar="ACCOUNT_ID | release ACCOUNT_ID REF")
+@click.option("--force", is_flag=True,
+              help="Release the hold of a call whose record says it is still live.")
 @json_option
 @pass_ctx
-def holds_cmd(obj: Context, words: tuple[str, ...], as_json: bool) -> None:
+def holds_cmd(obj: Context, words: tuple[str, ...], force: bool, as_json: bool) -> None:
     """List ACCOUNT_ID's holds (ref, amount, age, owning server), or give one back:
     `prepaid holds release ACCOUNT_ID REF` (REF: the call's reference or the hold id), once,
     with an entry in the history. The metering listener gives back by itself the holds of
-    calls gone from its server; release by hand only a hold no listener will settle."""
+    calls gone from its server; release by hand only a hold no listener will settle. The
+    hold of a live call (its record authorized or answered) is refused without --force."""
     if words[0] == "release" and len(words) == 3:
-        _release_hold(obj, words[1], words[2], as_json)
+        _release_hold(obj, words[1], words[2], as_json, force=force)
         return
+    if force:
+        raise click.UsageError("--force goes with release ACCOUNT_ID REF")
     if len(words) != 1:
         raise click.UsageError("give ACCOUNT_ID, or release ACCOUNT_ID REF")
     account_id = words[0]
@@ -345,9 +350,11 @@ def holds_cmd(obj: Context, words: tuple[str, ...], as_json: bool) -> None:
     console.print(table)
 
 
-def _release_hold(obj: Context, account_id: str, ref: str, as_json: bool) -> None:
+def _release_hold(obj: Context, account_id: str, ref: str, as_json: bool, *,
+                  force: bool) -> None:
     async def body(st: Store) -> tuple[Account, Change]:
-        change = await holds.release(st.ledger, account_id, ref, why="released by the admin")
+        change = await holds.release(st.ledger, account_id, ref, why="released by the admin",
+                                     force=force)
         return await st.ledger.get(account_id), change
     acct, change = obj.run(body)
     if as_json:

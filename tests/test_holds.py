@@ -98,3 +98,35 @@ async def test_prepaid_holds_lists_and_releases_once(funded: Ledger, run: Run) -
     assert [e.ref for e in entries].count("released by the admin") == 1
     gone = await asyncio.to_thread(run, "holds", "release", "1001", "nothing.1")
     assert gone.exit_code == 1
+
+
+@pytest.mark.parametrize("state", ["authorized", "answered"])
+async def test_the_hold_of_a_live_call_is_released_only_with_force(
+        funded: Ledger, run: Run, state: str) -> None:
+    ledger = funded
+    ref = "pbx-a-1700000000.11"
+    await hold(ledger, ref, 160_000, state=state, authorized=time.time() - 90)
+    before = await ledger.history("1001", 10)
+    refused = await asyncio.to_thread(run, "holds", "release", "1001", ref)
+    assert refused.exit_code == 1
+    [line] = refused.output.splitlines()
+    assert line.startswith(f"prepaid: error: hold call:{ref} of account '1001' belongs to a "
+                           f"live call (state {state}, server pbx-a, authorized 9")
+    assert line.endswith("its metering settles it when the call ends; --force releases it "
+                         "anyway")
+    assert await ledger.holds("1001") == {f"call:{ref}": 160_000}  # nothing changed
+    assert await ledger.history("1001", 10) == before
+    forced = await asyncio.to_thread(run, "holds", "release", "1001", ref, "--force", "--json")
+    assert forced.exit_code == 0, forced.output
+    assert json.loads(forced.output)["released"] == "0.16"
+    assert await ledger.holds("1001") == {}
+    assert [e.ref for e in await ledger.history("1001", 10)].count("released by the admin") == 1
+    # A record of another account under the same reference is not this hold's call.
+    other = "pbx-a-1700000000.12"
+    await ledger.create_account("1002", currency="EUR")
+    await ledger.credit("1002", EUR, key="seed2")
+    await hold(ledger, other, 1000, account="1002")
+    await ledger.reserve("1001", hold_id(other), 2000, key=f"auth2:{other}", ref="call")
+    done = await asyncio.to_thread(run, "holds", "release", "1001", other)
+    assert done.exit_code == 0, done.output
+    assert await ledger.holds("1002") == {f"call:{other}": 1000}
