@@ -19,6 +19,7 @@ from prepaid.store import Store
 from testbed.agi_peer import AgiPeer, agi_env
 from tests.conftest import Run, cli
 from tests.test_agi_fastagi import DECK, EUR, account, make_settings, start
+from tests.test_agi_metering import old_beat
 
 GERMANY = "00491701234567"
 
@@ -132,3 +133,24 @@ def test_outcome_settings_from_the_config(redis_url: str, tmp_path: Path) -> Non
     out = cli(conf)("calls", "1001", "--refused")
     assert out.exit_code == 1
     assert "[agi] outcomes_keep must be a whole number" in out.output
+
+
+async def test_no_metering_refusals_are_kept_before_the_account_is_read(
+        redis_url: str, run: Run) -> None:
+    store, server = await start(make_settings(redis_url, metering_stale_seconds=5.0))
+    try:
+        await store.rates.replace(parse_csv(DECK))
+        await account(store, "1001", EUR)
+        await old_beat(store.redis, age=6.0)  # this server's listener: silent for 6 s
+        assert await call(server, "m1", "1001") == "NO_METERING"
+        assert await call(server, "m2", "9999") == "NO_METERING"
+        assert not await store.redis.exists(keys.outcomes("prepaid", "9999"))
+    finally:
+        await server.close()
+        await store.close()
+    known = await prepaid(run, "calls", "1001", "--refused", "--json")
+    assert [(o["status"], o["reason"], o["ref"]) for o in known["outcomes"]] == [
+        ("ERROR", "NO_METERING", "m1")]
+    unknown = await prepaid(run, "calls", "9999", "--refused", "--json")
+    assert unknown["known"] is False
+    assert [(o["reason"], o["ref"]) for o in unknown["outcomes"]] == [("NO_METERING", "m2")]
