@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -154,3 +155,23 @@ async def test_no_metering_refusals_are_kept_before_the_account_is_read(
     unknown = await prepaid(run, "calls", "9999", "--refused", "--json")
     assert unknown["known"] is False
     assert [(o["reason"], o["ref"]) for o in unknown["outcomes"]] == [("NO_METERING", "m2")]
+
+
+async def test_an_outcome_that_cannot_be_written_never_fails_the_call_and_is_logged_once(
+        agi: tuple[Store, AgiServer], caplog: pytest.LogCaptureFixture) -> None:
+    store, server = agi
+    await account(store, "1001", EUR)
+    key = keys.outcomes("prepaid", "1001")
+    await store.redis.set(key, "not a stream")  # every XADD to it fails (WRONGTYPE)
+    caplog.set_level(logging.DEBUG, logger="agi.routes")
+    assert await call(server, "w1", "1001") == "ALLOWED"
+    assert await call(server, "w2", "1001") == "ALLOWED"
+    assert await store.ledger.holds("1001") == {"call:w1": 160_000, "call:w2": 160_000}
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(errors) == 1
+    assert errors[0].startswith("Redis (logging authorization outcomes) unavailable: ")
+    await store.redis.delete(key)
+    assert await call(server, "w3", "1001") == "ALLOWED"
+    recovered = [r.getMessage() for r in caplog.records if "recovered" in r.getMessage()]
+    assert recovered == ["Redis (logging authorization outcomes) recovered after 2 failure(s)"]
+    assert await store.redis.xlen(key) == 1
