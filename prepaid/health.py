@@ -250,7 +250,7 @@ class MeteringGate:
 @dataclass(frozen=True, slots=True)
 class Check:
     name: str
-    state: str  # up, down, unknown, sandbox (the gateway)
+    state: str  # up, down, unknown, sandbox (the gateway); none, waiting (dead letters)
     detail: str = ""
     ok: bool = True  # counted by ``status``'s exit code
 
@@ -296,6 +296,20 @@ async def smtp_check(host: str, port: int, within: float) -> Check:
     return Check("smtp", "up", f"{host}:{port}")
 
 
+async def dead_letters_check(redis: RedisClient, prefix: str) -> Check:
+    """How many events are parked (prepaid/deadletters.py): each one's action waits for the
+    admin. Not counted in the exit code: calls are not touched."""
+    try:
+        waiting = int(await redis.xlen(keys.dead_letters(prefix)))
+    except REDIS_ERRORS as exc:
+        return Check("dead_letters", "unknown", str(exc))
+    metrics.DEAD_LETTERS_WAITING.set(waiting)
+    if not waiting:
+        return Check("dead_letters", "none")
+    return Check("dead_letters", "waiting", f"{waiting} event(s) parked after failing; see "
+                 "'prepaid dead-letters'")
+
+
 async def report(redis: RedisClient, settings: Settings, *, everything: bool = True) -> Report:
     """Redis and this server's metering; with ``everything`` (``prepaid status``) also every
     other server's metering (a SCAN) and SMTP (a connection): not for a periodic gauge."""
@@ -312,6 +326,8 @@ async def report(redis: RedisClient, settings: Settings, *, everything: bool = T
         # No grace here: a reader that just started has seen no good beat.
         meters = [(b, judge(b, stale, missing_for=float("inf"))) for b in beats]
     others: list[Check] = []
+    if redis_state.ok:
+        others.append(await dead_letters_check(redis, prefix))
     if everything:
         smtp = settings.smtp
         others.append(await smtp_check(smtp.host, smtp.port, min(2.0, smtp.timeout)))

@@ -59,6 +59,9 @@ SERVE_REGISTRY = CollectorRegistry()
 SERVICE_RESTARTS = Counter("prepaid_service_restarts",
                            "Times a service of prepaid serve died and was restarted",
                            ["service"], registry=SERVE_REGISTRY)
+DEAD_LETTERS_WAITING = Gauge("prepaid_dead_letters_waiting",
+                             "Events in the dead-letter stream now (prepaid dead-letters)",
+                             registry=SERVE_REGISTRY)
 DEPENDENCY_UP = Gauge("prepaid_dependency_up",
                       "1 when a dependency answers (redis; metering: this server's listener "
                       "beats 'up' and fresh), else 0", ["dependency"], registry=SERVE_REGISTRY)

@@ -112,6 +112,10 @@ async def test_a_failing_event_is_parked_and_retried_once_after_the_fix(
         assert letter["fields"]["account"] == "2001" and letter["fields"]["crossing"]
         assert await pending(st) == 0  # acknowledged in the outbox: never delivered again
         assert parked_count() == before + 1
+        status = json.loads((await asyncio.to_thread(run, "status", "--json")).stdout)
+        assert status["dead_letters"] == {
+            "state": "waiting",
+            "detail": "1 event(s) parked after failing; see 'prepaid dead-letters'"}
         parked_lines = [r for r in caplog.records if f"failed {TRIES} times; parked" in r.message]
         assert len(parked_lines) == 1 and parked_lines[0].levelno == logging.ERROR
         tracebacks = [r for r in caplog.records if r.exc_info]
@@ -142,6 +146,8 @@ async def test_a_failing_event_is_parked_and_retried_once_after_the_fix(
                              "the fixed account's mail")
         assert mail["Subject"] == "Your prepaid balance is low: EUR 4.00"
         assert await asyncio.to_thread(letters, run) == []
+        status = json.loads((await asyncio.to_thread(run, "status", "--json")).stdout)
+        assert status["dead_letters"]["state"] == "none"
         refused(await asyncio.to_thread(run, "dead-letters", "retry", letter["id"]),
                 f"no dead letter {letter['id']}")
         await until(lambda: _idle(st), "the outbox drained")
