@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
@@ -12,6 +14,7 @@ from agi.server import AgiServer
 from prepaid.ratedeck import parse_csv
 from prepaid.store import Store, open_store
 from testbed.pbx import Pbx, pbx_unavailable_reason, start_pbx
+from tests.conftest import cli
 from tests.test_agi_fastagi import DECK, make_settings
 
 pytestmark = pytest.mark.pbx
@@ -97,3 +100,27 @@ async def test_the_shipped_dialplan_passes_the_agi_secret(redis_url: str,
     finally:
         await server.close()
         await store.close()
+
+
+async def test_a_refused_call_shows_in_calls_refused_with_its_asterisk(
+        served: tuple[Store, AgiServer], tmp_path: Path, redis_url: str) -> None:
+    """Why was this call refused? Asterisk 22 (systemname pbx-a) asks, the account has no
+    credit: `prepaid calls sipp --refused` names the number, the reason and the server."""
+    store, server = served
+    await store.ledger.create_account("sipp", currency="EUR")
+    with start_pbx(agi_port=server.port, system_name="pbx-a") as pbx:
+        # Refused: SIPp's uac scenario may not end as it expects.
+        await asyncio.to_thread(pbx.sipp, [
+            "-sn", "uac", "-s", "00447700900123", "-m", "1", "-d", "500", "-i", "127.0.0.1",
+            "-p", str(pbx.sipp_port), "-timeout", "10s", f"127.0.0.1:{pbx.sip_port}"], 30)
+        log = pbx.log_path.read_text(errors="replace")
+    assert server.served == 1 and "prepaid/balance-too-low" in log
+    await server.context.drain()
+    conf = tmp_path / "prepaid.toml"
+    conf.write_text(f'[redis]\nurl = "{redis_url}"\n')
+    out = await asyncio.to_thread(cli(conf), "calls", "sipp", "--refused", "--json")
+    assert out.exit_code == 0, out.output
+    [refused] = json.loads(out.stdout)["outcomes"]
+    assert (refused["number"], refused["status"], refused["reason"], refused["server"]) == (
+        "00447700900123", "DENIED", "NO_CREDIT", "pbx-a")
+    assert refused["ref"].startswith("pbx-a-") and refused["ref"] in log
