@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from importlib import resources
 from importlib.resources.abc import Traversable
@@ -48,8 +49,13 @@ def sounds() -> None:
               help="Asterisk sounds directory for the language; prompts go to DIR/prepaid/.")
 @click.option("--from", "source", type=click.Path(file_okay=False, path_type=Path),
               default=None, help="Where the prompts are  [default: the installed package's]")
-def sounds_install(target: Path, source: Path | None) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+def sounds_install(target: Path, source: Path | None, as_json: bool) -> None:
     """Copy the prompts into Asterisk's sounds directory."""
     copied = install_sounds(PROMPTS if source is None else source, target)
     names = sorted({p.stem for p in copied})
+    if as_json:
+        click.echo(json.dumps({"dir": str(target / "prepaid"), "prompts": names,
+                               "files": [str(p) for p in copied]}, indent=2))
+        return
     click.echo(f"installed {len(names)} prompts ({len(copied)} files) in {target / 'prepaid'}")

@@ -217,10 +217,15 @@ def card_group() -> None:
 @click.option("--brand", required=True, help="visa, mastercard, amex, ...")
 @click.option("--last4", required=True, help="The last four digits, for receipts.")
 @click.option("--exp", required=True, help="Expiry MM/YY.")
-def card_set(account_id: str, token: str, brand: str, last4: str, exp: str) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+def card_set(account_id: str, token: str, brand: str, last4: str, exp: str,
+             as_json: bool) -> None:
     """Store ACCOUNT_ID's card token for automatic top-ups."""
     acct = _run(lambda st: set_card(st, account_id, token=token, brand=brand, last4=last4,
                                     exp=exp))
+    if as_json:
+        _emit_json(acct, "card")
+        return
     click.echo(f"{acct.id}: card {acct.card_brand} ****{acct.card_last4} exp {acct.card_exp} "
                "stored")
 
@@ -244,8 +249,14 @@ def card_show(account_id: str, as_json: bool) -> None:
 
 @card_group.command("remove")
 @click.argument("account_id")
-def card_remove(account_id: str) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+def card_remove(account_id: str, as_json: bool) -> None:
     """Forget ACCOUNT_ID's card; automatic top-ups fall back to e-mail warnings."""
     acct, switched = _run(lambda st: remove_card(st, account_id))
+    if as_json:
+        data = account_json(acct)
+        click.echo(json.dumps({"account": acct.id, "card": None, "policy": data["policy"],
+                               "switched_to_email": switched}, indent=2, sort_keys=True))
+        return
     click.echo(f"{acct.id}: card removed"
                + ("; low-balance action switched from topup to email" if switched else ""))

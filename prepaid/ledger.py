@@ -31,7 +31,7 @@ _ACCOUNT_RE = re.compile(r"[A-Za-z0-9_.+@-]{1,64}")  # fullmatch: "$" allows a n
 # Fields an admin may change without touching money; balance and held are ledger-only.
 _SETTABLE = {"email", "status", "threshold", "action", "topup_amount", "policy_enabled",
              "card_token", "card_brand", "card_last4", "card_exp", "declines",
-             "decline_until", "pin"}
+             "decline_until", "pin", "name", "note"}
 
 
 def check_account_id(account: str) -> str:
@@ -90,6 +90,12 @@ class Account:
     card_last4: str
     card_exp: str
     card_token: str
+    # The lifecycle (prepaid account set/suspend/close): who it is, why it is suspended
+    # or closed, and since when (0: never closed).
+    name: str = ""
+    note: str = ""
+    status_reason: str = ""
+    closed: float = 0.0
 
     @property
     def available(self) -> int:
@@ -110,6 +116,8 @@ class Account:
             policy_enabled=h.get("policy_enabled", "0") == "1",
             card_brand=h.get("card_brand", ""), card_last4=h.get("card_last4", ""),
             card_exp=h.get("card_exp", ""), card_token=h.get("card_token", ""),
+            name=h.get("name", ""), note=h.get("note", ""),
+            status_reason=h.get("status_reason", ""), closed=float(h.get("closed", "0") or 0),
         )
 
 
@@ -125,6 +133,8 @@ def account_json(a: Account) -> dict[str, Any]:
                    "topup_amount": format_amount(a.topup_amount)},
         "card": ({"brand": a.card_brand, "last4": a.card_last4, "exp": a.card_exp}
                  if a.has_card else None),
+        "name": a.name, "note": a.note, "status_reason": a.status_reason,
+        "closed": a.closed or None,
     }
 
 
@@ -140,6 +150,8 @@ class Ledger:
         self.batch = batching.of(client)
         self._create = client.register_script(lua.CREATE_ACCOUNT)
         self._update = client.register_script(lua.UPDATE_ACCOUNT)
+        self._status = client.register_script(lua.SET_STATUS)
+        self._close = client.register_script(lua.CLOSE_ACCOUNT)
         self.forward_outage = OutageLog(log, "Redis (forwarding crossings to the outbox)")
 
     # -- keys --------------------------------------------------------------
@@ -335,6 +347,42 @@ class Ledger:
             raise ValueError(f"not a correction: {kind}")
         return await self._apply(kind, account, amount, key=key, ref=ref,
                                  flags="force" if force else "", extra=(operator, reason))
+
+    # -- the lifecycle ---------------------------------------------------------
+    async def set_status(self, account: str, status: str, reason: str = "") -> Account:
+        """Suspend (``reason`` kept and shown) or resume; a closed account stays closed."""
+        if status not in ("active", "suspended"):
+            raise ValueError(f"not a status to set: {status}")
+        check_account_id(account)
+        got = text(await self._call(self._status(
+            keys=[self.account_key(account)], args=[status, reason, f"{time.time():.3f}"])))
+        if got == "NO_ACCOUNT":
+            raise UnknownAccount(account)
+        if got == "CLOSED":
+            raise LedgerError("CLOSED", f"account {account!r} is closed")
+        return await self.get(account)
+
+    async def close(self, account: str, *, operator: str, reason: str,
+                    force: bool = False) -> tuple[Account, bool]:
+        """Close the account for good: refused (BALANCE, LIVE) while its balance is not zero
+        or it holds credit for live calls, unless ``force``.  Its keys and history stay, so
+        the id is never created again.  Returns the account and whether it was closed
+        before (then nothing changed)."""
+        check_account_id(account)
+        reply = await self._call(self._close(
+            keys=self.keys(account)[:3],
+            args=["force" if force else "", operator, reason, f"{time.time():.3f}"]))
+        got = text(reply[0])
+        if got == "NO_ACCOUNT":
+            raise UnknownAccount(account)
+        if got == "BALANCE":
+            raise LedgerError(got, f"account {account!r} has a balance of "
+                              f"{format_amount(int(reply[1]))}; bring it to zero (prepaid "
+                              "adjust, refund) or close it with --force")
+        if got == "LIVE":
+            raise LedgerError(got, f"account {account!r} has {int(reply[1])} live call(s) "
+                              "holding credit; close it when they end, or with --force")
+        return await self.get(account), got == "CLOSED"
 
 
 CORRECTIONS = ("adjust", "refund", "reverse")

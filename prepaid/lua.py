@@ -29,6 +29,33 @@ if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 redis.call('HSET', KEYS[1], unpack(ARGV))
 return 1
 """
+# Suspend or resume (prepaid account suspend/resume): a closed account stays closed.
+SET_STATUS = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 'NO_ACCOUNT' end
+if redis.call('HGET', KEYS[1], 'status') == 'closed' then return 'CLOSED' end
+redis.call('HSET', KEYS[1], 'status', ARGV[1], 'status_reason', ARGV[2], 'status_at', ARGV[3])
+return 'OK'
+"""
+# Close an account for good (prepaid account close): only at a zero balance and without
+# live calls' holds unless forced; the keys stay (the id is never reused), with a history
+# entry of kind close.  KEYS: account, holds, history.  ARGV: force, operator, reason, time.
+CLOSE_ACCOUNT = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return {'NO_ACCOUNT', 0} end
+if redis.call('HGET', KEYS[1], 'status') == 'closed' then return {'CLOSED', 0} end
+local balance = redis.call('HGET', KEYS[1], 'balance')
+local held = redis.call('HGET', KEYS[1], 'held')
+local live = redis.call('HLEN', KEYS[2])
+if ARGV[1] ~= 'force' then
+  if tonumber(balance) ~= 0 then return {'BALANCE', balance} end
+  if live > 0 then return {'LIVE', live} end
+end
+redis.call('HSET', KEYS[1], 'status', 'closed', 'status_reason', ARGV[3], 'status_at', ARGV[4],
+  'closed', ARGV[4])
+redis.call('XADD', KEYS[3], '*', 'kind', 'close', 'amount', '0', 'balance', balance,
+  'held', held, 'ref', 'account closed', 'hold', '', 'key', '', 'operator', ARGV[2],
+  'reason', ARGV[3])
+return {'OK', 0}
+"""
 
 # -- the rate deck (prepaid/ratestore.py) ----------------------------------------------------
 # A new version number above both the counter and the active version (decks imported by

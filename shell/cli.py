@@ -37,7 +37,7 @@ from prepaid.pins import check_pin, set_pin
 from prepaid.ratedeck import CSV_COLUMNS, iter_csv, load_csv, rate_row, read_lines
 from prepaid.rating import Rate, billed_seconds, cost
 from prepaid.store import Store, open_store
-from shell import ops, reports
+from shell import lifecycle, ops, reports
 from shell.audit import verify_cmd
 from shell.deadletters import dead_letters
 from shell.serve import default_services, serve_forever
@@ -79,7 +79,7 @@ def _fail(message: str) -> None:
 
 def _click_fail(exc: click.ClickException) -> None:
     """click's own errors (usage, a bad option value) in the one style, on one line."""
-    message = " ".join(exc.format_message().split())
+    message = " ".join(exc.format_message().split()).rstrip(".")
     if isinstance(exc, click.UsageError) and exc.ctx is not None:
         message += f" (see '{exc.ctx.command_path} -h')"
     click.echo(f"prepaid: error: {message}", err=True)
@@ -169,7 +169,11 @@ def account_create(obj: Context, account_id: str, email: str, currency: str | No
 def _show(acct: Account) -> None:
     table = Table(show_header=False, box=None)
     cur = acct.currency
-    rows = [("account", acct.id), ("status", acct.status), ("currency", cur),
+    status = f"{acct.status} ({acct.status_reason})" if acct.status_reason else acct.status
+    if acct.closed:
+        status += f" since {_when(acct.closed)}"
+    rows = [("account", acct.id), ("name", acct.name or "-"), ("status", status),
+            ("currency", cur),
             ("e-mail", acct.email or "-"), ("balance", format_amount(acct.balance, cur)),
             ("held for live calls", format_amount(acct.held, cur)),
             ("available", format_amount(acct.available, cur)), ("created", _when(acct.created)),
@@ -179,6 +183,8 @@ def _show(acct: Account) -> None:
         rows.append(("top-up amount", format_amount(acct.topup_amount, cur)))
     rows.append(("card", f"{acct.card_brand} ****{acct.card_last4} exp {acct.card_exp}"
                  if acct.has_card else "none"))
+    if acct.note:
+        rows.append(("note", acct.note))
     for k, v in rows:
         table.add_row(k, v)
     console.print(table)
@@ -212,32 +218,41 @@ def account_list(obj: Context, as_json: bool) -> None:
     console.print(table)
 
 
-def _set_status(obj: Context, account_id: str, status: str) -> None:
-    acct = obj.run(lambda st: st.ledger.update(account_id, status=status))
-    click.echo(f"account {acct.id} is {acct.status}")
+def _set_status(obj: Context, account_id: str, status: str, reason: str,
+                as_json: bool) -> None:
+    check_account_id(account_id)
+    acct = obj.run(lambda st: st.ledger.set_status(account_id, status, reason))
+    if as_json:
+        _emit(account_json(acct))
+    else:
+        click.echo(f"account {acct.id} is {acct.status}" + (f" ({reason})" if reason else ""))
 
 
 @account.command("suspend")
 @click.argument("account_id")
+@click.option("--reason", required=True, help="Why (kept and shown by account show).")
+@json_option
 @pass_ctx
-def account_suspend(obj: Context, account_id: str) -> None:
+def account_suspend(obj: Context, account_id: str, reason: str, as_json: bool) -> None:
     """Stop ACCOUNT_ID from placing calls (calls already up go on)."""
-    _set_status(obj, account_id, "suspended")
+    _set_status(obj, account_id, "suspended", lifecycle.check_reason(reason), as_json)
 
 
 @account.command("resume")
 @click.argument("account_id")
+@json_option
 @pass_ctx
-def account_resume(obj: Context, account_id: str) -> None:
-    """Let a suspended account call again."""
-    _set_status(obj, account_id, "active")
+def account_resume(obj: Context, account_id: str, as_json: bool) -> None:
+    """Let a suspended account call again (a closed one stays closed)."""
+    _set_status(obj, account_id, "active", "", as_json)
 
 
 @account.command("pin")
 @click.argument("account_id")
 @click.option("--clear", is_flag=True, help="Remove the PIN (self-service is then closed).")
+@json_option
 @pass_ctx
-def account_pin(obj: Context, account_id: str, clear: bool) -> None:
+def account_pin(obj: Context, account_id: str, clear: bool, as_json: bool) -> None:
     """Set the self-service PIN of ACCOUNT_ID (phone menu and web page), asked twice and
     not echoed; read from standard input when it is not a terminal."""
     pin: str | None = None
@@ -246,7 +261,10 @@ def account_pin(obj: Context, account_id: str, clear: bool) -> None:
                if sys.stdin.isatty() else sys.stdin.readline().strip())
         check_pin(pin)
     obj.run(lambda st: set_pin(st.ledger, account_id, pin))
-    click.echo(f"account {account_id}: PIN {'cleared' if clear else 'set'}")
+    if as_json:
+        _emit({"account": account_id, "pin": "cleared" if clear else "set"})
+    else:
+        click.echo(f"account {account_id}: PIN {'cleared' if clear else 'set'}")
 
 
 # -- money ------------------------------------------------------------------
@@ -268,6 +286,7 @@ def topup(obj: Context, account_id: str, amount: str, reference: str | None, ove
     problems: list[str] = []
 
     async def body(st: Store) -> tuple[Account, Change]:
+        lifecycle.check_open(await st.ledger.get(account_id))
         change = await manual_topup(st, account_id, micros, ref, override=override,
                                     problems=problems)
         # A duplicate's Change holds the balance of the first credit: show today's.
@@ -558,6 +577,8 @@ def serve(obj: Context, only: tuple[str, ...], log_level: str) -> None:
     serve_forever(obj.settings, only or default_services(obj.settings), log_level)
 
 
+account.add_command(lifecycle.account_set)
+account.add_command(lifecycle.account_close)
 # Commands that live beside the services they belong to.
 for _command in (policy_cmd, card_group, sounds, *ops.COMMANDS, *reports.COMMANDS):
     main.add_command(_command)

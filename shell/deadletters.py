@@ -102,8 +102,9 @@ def retry(obj: Context, letter_id: str | None, every: bool, as_json: bool) -> No
 
 @dead_letters.command("drop")
 @click.argument("letter_id")
+@json_option
 @click.pass_obj
-def drop(obj: Context, letter_id: str) -> None:
+def drop(obj: Context, letter_id: str, as_json: bool) -> None:
     """Remove LETTER_ID for good (its event is never handled)."""
     check_id(letter_id)
 
@@ -114,4 +115,7 @@ def drop(obj: Context, letter_id: str) -> None:
         return letter
 
     x = obj.run(body)
+    if as_json:
+        _emit({"dropped": x.as_json()})
+        return
     click.echo(f"dead letter {x.id} ({x.stream} event {x.source_id}) dropped")
