@@ -7,7 +7,7 @@ import csv
 import json
 import sys
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO, TypeVar
@@ -81,9 +81,18 @@ def _click_fail(exc: click.ClickException) -> None:
     """click's own errors (usage, a bad option value) in the one style, on one line."""
     message = " ".join(exc.format_message().split()).rstrip(".")
     if isinstance(exc, click.UsageError) and exc.ctx is not None:
-        message += f" (see '{exc.ctx.command_path} -h')"
+        names = [c.info_name or "" for c in reversed(list(_chain(exc.ctx)))][1:]
+        message += f" (see '{' '.join(['prepaid', *names])} -h')"
     click.echo(f"prepaid: error: {message}", err=True)
     sys.exit(exc.exit_code)
+
+
+def _chain(ctx: click.Context) -> Iterator[click.Context]:
+    """The context and its parents up to the root (whose name may be 'main' in tests)."""
+    at: click.Context | None = ctx
+    while at is not None:
+        yield at
+        at = at.parent
 
 
 class Group(click.Group):
@@ -230,12 +239,13 @@ def _set_status(obj: Context, account_id: str, status: str, reason: str,
 
 @account.command("suspend")
 @click.argument("account_id")
-@click.option("--reason", required=True, help="Why (kept and shown by account show).")
+@click.option("--reason", default=None, help="Why (kept and shown by account show).")
 @json_option
 @pass_ctx
-def account_suspend(obj: Context, account_id: str, reason: str, as_json: bool) -> None:
+def account_suspend(obj: Context, account_id: str, reason: str | None, as_json: bool) -> None:
     """Stop ACCOUNT_ID from placing calls (calls already up go on)."""
-    _set_status(obj, account_id, "suspended", lifecycle.check_reason(reason), as_json)
+    _set_status(obj, account_id, "suspended",
+                "" if reason is None else lifecycle.check_reason(reason), as_json)
 
 
 @account.command("resume")

@@ -40,7 +40,7 @@ def test_account_topup_balance_history(run: Run) -> None:
 
 def test_suspend_and_resume(run: Run) -> None:
     run("account", "create", "7")
-    assert "is suspended" in run("account", "suspend", "7", "--reason", "unpaid").output
+    assert "is suspended" in run("account", "suspend", "7").output
     assert json.loads(run("account", "list", "--json").output)[0]["status"] == "suspended"
     assert "is active" in run("account", "resume", "7").output
 
