@@ -146,6 +146,8 @@ async def test_reverse_gives_back_a_metered_call_once(ledger: Ledger, run: Run,
                                                        "dropped call")
     refused(await asyncio.to_thread(run, "reverse", "no-such-call"),
             "no call with reference 'no-such-call'")
+    audit = await asyncio.to_thread(run, "verify")  # the reversal is no mismatch
+    assert audit.exit_code == 0 and "clean" in audit.stdout, audit.output
 
 
 async def test_negative_adjust_across_the_threshold_mails_the_warning(

@@ -110,6 +110,8 @@ async def test_a_closed_account_keeps_its_history_and_its_id(agi: tuple[Store, A
     assert snapshot(redis_url) == before
     r = await asyncio.to_thread(run, "adjust", "1001", "-1", "--reason", "closing balance")
     assert r.exit_code == 0 and await asyncio.to_thread(balance, run) == "0.00"
+    audit = await asyncio.to_thread(run, "verify")  # the close entry is no mismatch
+    assert audit.exit_code == 0 and "clean" in audit.stdout, audit.output
 
 
 @pytest.mark.parametrize(("args", "words"), [
