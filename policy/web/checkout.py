@@ -166,9 +166,15 @@ class SandboxCheckout:
 
 # -- Stripe ----------------------------------------------------------------------------------
 
-def completed_from_stripe(obj: Any) -> Completed | None:
+def plain(obj: Any) -> Any:
+    """A Stripe object as plain dicts and lists (the SDK's objects are not dicts)."""
+    return obj.to_dict() if isinstance(obj, stripe.StripeObject) else obj
+
+
+def completed_from_stripe(raw: Any) -> Completed | None:
     """A Checkout Session object (a webhook's ``data.object`` or an API reply) as ours;
     None when it is not one of this page's sessions."""
+    obj = plain(raw)
     meta = obj.get("metadata") or {}
     account = meta.get(METADATA_ACCOUNT) if hasattr(meta, "get") else None
     if not account or obj.get("status") != "complete":
@@ -233,8 +239,8 @@ class StripeCheckout:
         return Started(session.id, session.url)
 
     async def card(self, done: Completed) -> CardDetails:
-        intent = await self._call(self.client.v1.setup_intents.retrieve, done.setup_ref,
-                                  params={"expand": ["payment_method"]})
+        intent = plain(await self._call(self.client.v1.setup_intents.retrieve, done.setup_ref,
+                                        params={"expand": ["payment_method"]}))
         method = intent.get("payment_method")
         card = method.get("card") if method is not None else None
         if not card:
