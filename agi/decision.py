@@ -35,6 +35,7 @@ class Reason(StrEnum):
     NO_METERING = "NO_METERING"  # this server's metering is away or behind: it would go unbilled
     BUSY = "BUSY"  # authorizations take longer than [agi] busy_seconds: refused at once
     DUPLICATE_CALL = "DUPLICATE_CALL"  # another account's live call has this uniqueid
+    CURRENCY = "CURRENCY"  # the account's currency is not its plan's deck's: never converted
 
 
 @dataclass(frozen=True, slots=True)

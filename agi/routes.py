@@ -149,13 +149,21 @@ async def _store_phase(store: Store, account_id: str, number: str, ref: str, pol
         return deny(Reason.UNKNOWN_ACCOUNT, policy)
     norm = store.settings.billing.normalisation
     try:
-        rate = await store.rates.lookup(number, norm)  # one round trip, any deck size
+        # The account's plan's deck, and its currency: one round trip, any deck size.
+        quote = await store.rates.quote(number, norm, account.plan)
         digits = norm.normalise(number)
     except NoRateDeck:
         raise
     except RateError as exc:
         log.info("call %s from %s: %s", ref, account_id, exc)
         return deny(Reason.NO_RATE, policy)
+    if quote.currency != account.currency:  # never converted: refused until the admin fixes it
+        log.error("call %s from %s refused (DENIED CURRENCY): the account is in %s but its "
+                  "plan %r is rated in %s; move it to a plan in %s ('prepaid account set "
+                  "%s --plan PLAN')", ref, account_id, account.currency, account.plan,
+                  quote.currency, account.currency, account_id)
+        return deny(Reason.CURRENCY, policy)
+    rate = quote.rate
     first = decide(status=account.status, balance=account.balance, threshold=account.threshold,
                    rate=rate, available=account.available, policy=policy)
     if not first.allowed:
@@ -182,7 +190,7 @@ async def _store_phase(store: Store, account_id: str, number: str, ref: str, pol
                       available=change.available + change.hold_amount, policy=policy)
     progress.record = callrecord.CallRecord(
         account=account_id, number=number, digits=digits, rate=rate, hold=change.hold_amount,
-        max_seconds=decision.max_seconds, channel="", uniqueid=ref)
+        max_seconds=decision.max_seconds, channel="", uniqueid=ref, plan=account.plan)
     return decision
 
 

@@ -1,8 +1,9 @@
 """The live-call record: the contract between the AGI, which authorizes a call, and the
 listener, which meters it. Every write of a record goes through this module.
 
-Key ``<prefix>:callref:<ref>``, a hash with account, number, digits, rate (JSON of the Rate),
-hold, max_seconds, authorized, channel, uniqueid, linkedid, state, and later answered_at,
+Key ``<prefix>:callref:<ref>``, a hash with account, number, digits, rate (JSON of the Rate:
+the call is billed at it to the end, whatever deck is imported meanwhile), plan, hold,
+max_seconds, authorized, channel, uniqueid, linkedid, state, and later answered_at,
 blocks_paid, cdr_billsec, finished, settlement, logged. Its ``state``:
 
 - ``authorized`` (:func:`write`, the AGI): the first block is held as ``hold_id(ref)``;
@@ -63,6 +64,7 @@ class CallRecord:
     linkedid: str = ""
     authorized: float = 0.0
     state: str = "authorized"
+    plan: str = ""  # the plan whose deck gave ``rate`` (records before plans have none)
 
     def to_hash(self) -> dict[str, str]:
         return {
@@ -71,6 +73,7 @@ class CallRecord:
             "max_seconds": str(self.max_seconds),
             "authorized": f"{self.authorized or time.time():.3f}", "channel": self.channel,
             "uniqueid": self.uniqueid, "linkedid": self.linkedid, "state": self.state,
+            "plan": self.plan,
         }
 
     @classmethod
@@ -80,7 +83,7 @@ class CallRecord:
                    max_seconds=int(h.get("max_seconds", "0")), channel=h.get("channel", ""),
                    uniqueid=h.get("uniqueid", ""), linkedid=h.get("linkedid", ""),
                    authorized=float(h.get("authorized", "0")),
-                   state=h.get("state", "authorized"))
+                   state=h.get("state", "authorized"), plan=h.get("plan", ""))
 
 
 class RecordExists(Exception):

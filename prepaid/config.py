@@ -20,7 +20,7 @@ from typing import Any
 from prepaid.errors import ConfigError, InputError
 from prepaid.inputs import check_email
 from prepaid.money import check_currency, currency_decimals, parse_amount
-from prepaid.ratedeck import Normalisation
+from prepaid.ratedeck import DEFAULT_PLAN, Normalisation, check_plan
 from prepaid.redis_client import check_url, mask_url, url_has_secret
 
 ENV_CONFIG = "PREPAID_CONFIG"
@@ -49,6 +49,8 @@ class RedisSettings:
 class BillingSettings:
     currency: str = "EUR"
     rates: Path | None = None
+    # The plan (rate deck) of new accounts without --plan, and of 'prepaid rates' commands.
+    default_plan: str = DEFAULT_PLAN
     international_prefixes: tuple[str, ...] = ("+", "00")
     national_prefix: str = ""
     country_code: str = ""
@@ -375,6 +377,10 @@ def _validate(s: Settings, where: str) -> None:
         check_currency(s.billing.currency)
     except InputError as exc:
         raise ConfigError(f"{where}: [billing] currency: {exc}") from None
+    try:
+        check_plan(s.billing.default_plan, "[billing] default_plan")
+    except InputError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
     if not re.match(r"^(rediss?|unix|redis\+sentinel|redis\+cluster)://", s.redis.url):
         raise ConfigError(f"{where}: [redis] url {s.redis.safe_url!r} must start with "
                           "redis://, rediss://, unix://, redis+sentinel:// or redis+cluster://")

@@ -21,6 +21,7 @@ from prepaid.errors import InputError, LedgerError, StoreUnavailable, UnknownAcc
 from prepaid.inputs import check_email
 from prepaid.money import check_currency, format_amount
 from prepaid.outage import OutageLog
+from prepaid.ratedeck import DEFAULT_PLAN, check_plan
 from prepaid.redis_client import REDIS_ERRORS, RedisClient, mask_url, text
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ _ACCOUNT_RE = re.compile(r"[A-Za-z0-9_.+@-]{1,64}")  # fullmatch: "$" allows a n
 # Fields an admin may change without touching money; balance and held are ledger-only.
 _SETTABLE = {"email", "status", "threshold", "action", "topup_amount", "policy_enabled",
              "card_token", "card_brand", "card_last4", "card_exp", "declines",
-             "decline_until", "pin", "name", "note"}
+             "decline_until", "pin", "name", "note", "plan"}
 
 
 def check_account_id(account: str) -> str:
@@ -96,6 +97,7 @@ class Account:
     note: str = ""
     status_reason: str = ""
     closed: float = 0.0
+    plan: str = DEFAULT_PLAN  # accounts created before plans have none: the default deck's
 
     @property
     def available(self) -> int:
@@ -118,13 +120,15 @@ class Account:
             card_exp=h.get("card_exp", ""), card_token=h.get("card_token", ""),
             name=h.get("name", ""), note=h.get("note", ""),
             status_reason=h.get("status_reason", ""), closed=float(h.get("closed", "0") or 0),
+            plan=h.get("plan") or DEFAULT_PLAN,
         )
 
 
 def account_json(a: Account) -> dict[str, Any]:
     """An account as the CLI's ``--json`` prints it (``prepaid account``, ``policy``, ``card``)."""
     return {
-        "id": a.id, "currency": a.currency, "email": a.email, "status": a.status,
+        "id": a.id, "currency": a.currency, "plan": a.plan, "email": a.email,
+        "status": a.status,
         "balance": format_amount(a.balance), "held": format_amount(a.held),
         "available": format_amount(a.available), "balance_micros": a.balance,
         "created": a.created,
@@ -186,15 +190,18 @@ class Ledger:
     # -- accounts ----------------------------------------------------------
     async def create_account(self, account: str, *, currency: str, email: str = "",
                              threshold: int = 0, action: str = "none",
-                             topup_amount: int = 0) -> Account:
+                             topup_amount: int = 0, plan: str = DEFAULT_PLAN) -> Account:
+        """A new account on ``plan``: that the plan's deck is in ``currency`` is the
+        caller's to check (prepaid/plans.py)."""
         check_account_id(account)
         check_currency(currency)
         check_email(email)
+        check_plan(plan)
         enabled = "1" if action != "none" else "0"
         made = await self._call(self._create(
             keys=[self.account_key(account), self.keys(account)[2]],
             args=[account, currency, email, f"{time.time():.3f}", str(threshold), action,
-                  str(topup_amount), enabled]))
+                  str(topup_amount), enabled, plan]))
         # The index is another slot: a crash before this ZADD leaves an account the index
         # misses, which creating it again (refused, it exists) repairs.
         await self._call(self.redis.zadd(self.index_key, {account: time.time()}, nx=True))
@@ -216,6 +223,8 @@ class Ledger:
         check_account_id(account)
         if "email" in values:
             check_email(values["email"])
+        if "plan" in values:
+            check_plan(values["plan"])
         args = [x for kv in values.items() for x in kv]
         if not await self._call(self._update(keys=[self.account_key(account)], args=args)):
             raise UnknownAccount(account)
@@ -224,6 +233,24 @@ class Ledger:
     async def list_ids(self) -> list[str]:
         ids = await self._call(self.redis.zrange(self.index_key, 0, -1))
         return [i.decode() for i in ids]
+
+    async def each_fields(self, names: list[str], batch: int = 500
+                          ) -> AsyncIterator[tuple[str, list[str | None]]]:
+        """(account, values of ``names``) of every account, ``batch`` accounts a round trip;
+        an account deleted meanwhile is skipped."""
+        start = 0
+        while True:
+            ids = [text(i) for i in await self._call(
+                self.redis.zrange(self.index_key, start, start + batch - 1))]
+            if not ids:
+                return
+            pipe = self.redis.pipeline(transaction=False)
+            for account in ids:
+                pipe.hmget(self.account_key(account), [*names, "id"])
+            for account, values in zip(ids, await self._call(pipe.execute()), strict=True):
+                if values[-1] is not None:
+                    yield account, [None if v is None else text(v) for v in values[:-1]]
+            start += batch
 
     async def history(self, account: str, limit: int = 20) -> list[Entry]:
         """Newest first."""

@@ -18,7 +18,8 @@ CREATE_ACCOUNT = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 redis.call('HSET', KEYS[1], 'id', ARGV[1], 'currency', ARGV[2], 'email', ARGV[3],
   'status', 'active', 'balance', '0', 'held', '0', 'created', ARGV[4],
-  'threshold', ARGV[5], 'action', ARGV[6], 'topup_amount', ARGV[7], 'policy_enabled', ARGV[8])
+  'threshold', ARGV[5], 'action', ARGV[6], 'topup_amount', ARGV[7], 'policy_enabled', ARGV[8],
+  'plan', ARGV[9])
 redis.call('XADD', KEYS[2], '*', 'kind', 'open', 'amount', '0', 'balance', '0', 'held', '0',
   'ref', 'account created', 'hold', '', 'key', '')
 return 1
@@ -66,12 +67,14 @@ local v = tonumber(redis.call('GET', KEYS[2]) or '0')
 if n <= v then n = v + 1; redis.call('SET', KEYS[1], n) end
 return n
 """
-# Make the staged deck the active one; returns the version it replaced (to delete).
+# Make the staged deck its plan's active one and note the plan's currency in the plans hash;
+# returns the version it replaced (to delete).
 SWAP_RATES = """
 if redis.call('HEXISTS', KEYS[1], '') == 0 then return false end
 redis.call('PERSIST', KEYS[1])
 local old = redis.call('GET', KEYS[2]) or '0'
 redis.call('SET', KEYS[2], ARGV[1])
+redis.call('HSET', KEYS[3], ARGV[2], ARGV[3])
 return old
 """
 

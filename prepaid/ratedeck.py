@@ -24,6 +24,16 @@ _NUMBER_RE = re.compile(r"[0-9]{1,32}")
 _SECONDS_RE = re.compile(r"[0-9]{1,5}")
 _SEPARATORS = re.compile(r"[\s().-]")
 MAX_INCREMENT = 3600
+DEFAULT_PLAN = "default"  # the plan of the decks imported before plans, and of their accounts
+# A plan's name goes into Redis key names: no ':', '{' or '}', and short.
+_PLAN_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,31}")
+
+
+def check_plan(name: str, what: str = "--plan") -> str:
+    if not _PLAN_RE.fullmatch(name):
+        raise InputError(f"{what} {name!r} must be 1-32 letters, digits, _ or -, "
+                         "starting with a letter or digit")
+    return name
 
 
 @dataclass(frozen=True, slots=True)

@@ -36,4 +36,4 @@ async def open_store(settings: Settings, *, check: bool = True) -> Store:
                 f"cannot reach Redis at {settings.redis.safe_url}: {exc}") from None
     prefix = settings.redis.key_prefix
     return Store(settings, client, Ledger(client, prefix, settings.redis.safe_url),
-                 RateStore(client, prefix))
+                 RateStore(client, prefix, settings.billing.currency))

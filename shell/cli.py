@@ -27,14 +27,22 @@ from agi.commands import sounds
 from policy.commands import card_group, manual_topup, policy_cmd
 from policy.web.support import requests_cmd
 from prepaid import config as config_mod
-from prepaid import health, holds
+from prepaid import health, holds, plans
 from prepaid.config import Settings
-from prepaid.errors import InputError, PrepaidError, RateError
+from prepaid.errors import PrepaidError, RateError
 from prepaid.inputs import check_email, check_reference
 from prepaid.ledger import Account, Change, account_json, check_account_id
 from prepaid.money import check_currency, format_amount, parse_amount
 from prepaid.pins import check_pin, set_pin
-from prepaid.ratedeck import CSV_COLUMNS, iter_csv, load_csv, rate_row, read_lines
+from prepaid.ratedeck import (
+    CSV_COLUMNS,
+    check_plan,
+    iter_csv,
+    load_csv,
+    rate_row,
+    read_lines,
+)
+from prepaid.ratestore import ImportReport, Quote
 from prepaid.rating import Rate, billed_seconds, cost
 from prepaid.store import Store, open_store
 from shell import lifecycle, ops, reports
@@ -70,6 +78,8 @@ class Context:
 
 pass_ctx = click.make_pass_decorator(Context)
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+plan_option = click.option("--plan", default=None, metavar="PLAN",
+                           help="The plan (rate deck) [default: [billing] default_plan].")
 
 
 def _fail(message: str) -> None:
@@ -152,26 +162,32 @@ def account() -> None:
 @account.command("create")
 @click.argument("account_id")
 @click.option("--email", default="", help="Where receipts and warnings go.")
-@click.option("--currency", default=None, help="ISO 4217 code (default from the config).")
+@click.option("--currency", default=None, help="ISO 4217 code (default: the plan's).")
+@plan_option
 @json_option
 @pass_ctx
 def account_create(obj: Context, account_id: str, email: str, currency: str | None,
-                   as_json: bool) -> None:
-    """Create ACCOUNT_ID (the caller's accountcode or extension) with a zero balance."""
+                   plan: str | None, as_json: bool) -> None:
+    """Create ACCOUNT_ID (the caller's accountcode or extension) with a zero balance, rated
+    by PLAN's deck; its currency is the plan's."""
     check_account_id(account_id)
     s = obj.settings
-    cur = check_currency((currency or s.billing.currency).upper())
-    if cur != s.billing.currency:  # the deck and every cost are in the billing currency
-        raise InputError(f"--currency {cur} is not the rate deck's currency "
-                         f"{s.billing.currency} ([billing] currency)")
+    plan = check_plan(plan or s.billing.default_plan)
+    cur = check_currency(currency.upper()) if currency is not None else None
     check_email(email)
-    acct = obj.run(lambda st: st.ledger.create_account(
-        account_id, currency=cur, email=email, threshold=s.policy.threshold,
-        action=s.policy.action, topup_amount=s.policy.topup_amount))
+
+    async def body(st: Store) -> Account:
+        plan_cur = await plans.currency_of(st, plan)
+        plans.check_match(plan, plan_cur, cur or plan_cur, f"--currency {cur}")
+        return await st.ledger.create_account(
+            account_id, currency=plan_cur, email=email, threshold=s.policy.threshold,
+            action=s.policy.action, topup_amount=s.policy.topup_amount, plan=plan)
+
+    acct = obj.run(body)
     if as_json:
         _emit(account_json(acct))
     else:
-        click.echo(f"created account {acct.id} ({acct.currency}), balance "
+        click.echo(f"created account {acct.id} ({acct.currency}, plan {acct.plan}), balance "
                    f"{format_amount(acct.balance, acct.currency)}")
 
 
@@ -182,7 +198,7 @@ def _show(acct: Account) -> None:
     if acct.closed:
         status += f" since {_when(acct.closed)}"
     rows = [("account", acct.id), ("name", acct.name or "-"), ("status", status),
-            ("currency", cur),
+            ("currency", cur), ("plan", acct.plan),
             ("e-mail", acct.email or "-"), ("balance", format_amount(acct.balance, cur)),
             ("held for live calls", format_amount(acct.held, cur)),
             ("available", format_amount(acct.available, cur)), ("created", _when(acct.created)),
@@ -220,9 +236,9 @@ def account_list(obj: Context, as_json: bool) -> None:
     if as_json:
         _emit([account_json(a) for a in accounts])
         return
-    table = Table("account", "status", "balance", "available", "e-mail")
+    table = Table("account", "status", "plan", "balance", "available", "e-mail")
     for a in accounts:
-        table.add_row(a.id, a.status, format_amount(a.balance, a.currency),
+        table.add_row(a.id, a.status, a.plan, format_amount(a.balance, a.currency),
                       format_amount(a.available, a.currency), a.email or "-")
     console.print(table)
 
@@ -402,20 +418,31 @@ def _release_hold(obj: Context, account_id: str, ref: str, as_json: bool, *,
 # -- rates ------------------------------------------------------------------
 @main.group()
 def rates() -> None:
-    """Import and query the rate deck."""
+    """Import and query the rate decks, one per plan."""
+
+
+def _plan(obj: Context, plan: str | None) -> str:
+    return check_plan(plan or obj.settings.billing.default_plan)
 
 
 @rates.command("import")
 @click.argument("file", required=False, type=click.Path(dir_okay=False, path_type=Path))
+@plan_option
+@click.option("--currency", default=None,
+              help="The deck's ISO 4217 code (default: the plan's, else [billing] currency).")
 @click.option("--dry-run", is_flag=True,
               help="Check FILE and show what would change; import nothing.")
 @json_option
 @pass_ctx
-def rates_import(obj: Context, file: Path | None, dry_run: bool, as_json: bool) -> None:
-    """Replace the active rate deck with FILE (default: [billing] rates). All or nothing.
+def rates_import(obj: Context, file: Path | None, plan: str | None, currency: str | None,
+                 dry_run: bool, as_json: bool) -> None:
+    """Replace PLAN's rate deck with FILE (default: [billing] rates). All or nothing.
 
     The file is streamed (memory does not grow with it) into a new deck version, which
-    replaces the active one in one step once every row is good."""
+    replaces the plan's active one in one step once every row is good. A new PLAN is made
+    by its first import. The deck's currency must be that of every account on the plan."""
+    plan = _plan(obj, plan)
+    cur = check_currency(currency.upper()) if currency is not None else None
     path = file or obj.settings.billing.rates
     if path is None:
         raise click.UsageError("give FILE or set [billing] rates in the config")
@@ -429,10 +456,17 @@ def rates_import(obj: Context, file: Path | None, dry_run: bool, as_json: bool) 
                   console=err, transient=True, disable=not err.is_terminal) as bar:
         task = bar.add_task(f"reading {path.name}", total=size or 1, rows=0)
         rows = iter_csv(read_lines(path, lambda n: bar.advance(task, n)), str(path))
-        report = obj.run(lambda st: st.rates.load(
-            rows, dry_run=dry_run, progress=lambda n: bar.update(task, rows=n)))
+
+        async def body(st: Store) -> ImportReport:
+            deck_cur = cur or await st.rates.plan_currency(plan) or st.settings.billing.currency
+            await plans.check_import(st, plan, deck_cur)
+            return await st.rates.load(rows, plan=plan, currency=deck_cur, dry_run=dry_run,
+                                       progress=lambda n: bar.update(task, rows=n))
+
+        report = obj.run(body)
     if as_json:
-        _emit({"file": str(path), "dry_run": dry_run, "version": report.version or None,
+        _emit({"file": str(path), "plan": plan, "currency": report.currency,
+               "dry_run": dry_run, "version": report.version or None,
                "rates": report.rows, "added": report.added, "changed": report.changed,
                "removed": report.removed, "unchanged": report.unchanged,
                "examples": report.examples})
@@ -440,11 +474,11 @@ def rates_import(obj: Context, file: Path | None, dry_run: bool, as_json: bool) 
     counts = (f"{report.added} added, {report.changed} changed, {report.removed} removed, "
               f"{report.unchanged} unchanged")
     if not dry_run:
-        click.echo(f"imported {report.rows} rates from {path} (deck version {report.version}):"
-                   f" {counts}")
+        click.echo(f"imported {report.rows} rates from {path} into plan {plan} "
+                   f"({report.currency}, deck version {report.version}): {counts}")
         return
-    click.echo(f"dry run: {path} holds {report.rows} good rates; importing it: {counts}; "
-               "nothing imported")
+    click.echo(f"dry run: {path} holds {report.rows} good rates; importing it into plan "
+               f"{plan} ({report.currency}): {counts}; nothing imported")
     for kind, examples in report.examples.items():
         for example in examples:
             click.echo(f"  {kind:<8} {example}")
@@ -452,17 +486,25 @@ def rates_import(obj: Context, file: Path | None, dry_run: bool, as_json: bool) 
 
 @rates.command("export")
 @click.argument("file", required=False, type=click.Path(dir_okay=False, path_type=Path))
+@plan_option
 @pass_ctx
-def rates_export(obj: Context, file: Path | None) -> None:
-    """Write the active deck as CSV to FILE (default: standard output).
+def rates_export(obj: Context, file: Path | None, plan: str | None) -> None:
+    """Write PLAN's active deck as CSV to FILE (default: standard output).
 
     The CSV is the import format: 'prepaid rates import' reads it back unchanged. Rows come
     in no particular order; a file is written whole or not at all."""
+    plan = _plan(obj, plan)
+
     async def body(st: Store, out: TextIO) -> int:
+        rates = aiter(st.rates.scan(plan))
+        first = await anext(rates, None)  # no deck: the error, and no header before it
         writer = csv.writer(out, lineterminator="\n")
         writer.writerow(CSV_COLUMNS)
         n = 0
-        async for rate in st.rates.scan():
+        if first is not None:
+            writer.writerow(rate_row(first))
+            n += 1
+        async for rate in rates:
             writer.writerow(rate_row(rate))
             n += 1
         return n
@@ -496,22 +538,27 @@ def _rate_json(rate: Rate) -> dict[str, Any]:
 @click.argument("number")
 @click.option("--file", type=click.Path(dir_okay=False, path_type=Path),
               help="Look up in this CSV instead of the imported deck.")
+@plan_option
 @json_option
 @pass_ctx
-def rates_lookup(obj: Context, number: str, file: Path | None, as_json: bool) -> None:
-    """Show the rate NUMBER matches and what calls to it cost."""
+def rates_lookup(obj: Context, number: str, file: Path | None, plan: str | None,
+                 as_json: bool) -> None:
+    """Show the rate NUMBER matches in PLAN's deck and what calls to it cost."""
     s = obj.settings
     norm = s.billing.normalisation
-    rate = (load_csv(file).lookup(number, norm) if file
-            else obj.run(lambda st: st.rates.lookup(number, norm)))
+    plan = _plan(obj, plan)
+    if file:
+        quote = Quote(load_csv(file).lookup(number, norm), s.billing.currency, plan)
+    else:
+        quote = obj.run(lambda st: st.rates.quote(number, norm, plan))
+    rate, cur = quote.rate, quote.currency
     costs = [(d, billed_seconds(rate, d), cost(rate, d)) for d in LOOKUP_DURATIONS]
     if as_json:
         _emit({"number": number, "normalised": s.billing.normalisation.normalise(number),
-               "rate": _rate_json(rate),
+               "plan": None if file else plan, "currency": cur, "rate": _rate_json(rate),
                "costs": [{"seconds": d, "billed_seconds": b, "cost": format_amount(c)}
                          for d, b, c in costs]})
         return
-    cur = s.billing.currency
     click.echo(f"{number} -> prefix {rate.prefix} {rate.name}: "
                f"{format_amount(rate.per_minute, cur)}/min, connect "
                f"{format_amount(rate.connect_fee, cur)}, billing {rate.initial}/{rate.increment}"
@@ -519,6 +566,22 @@ def rates_lookup(obj: Context, number: str, file: Path | None, as_json: bool) ->
     table = Table("call length", "billed", "cost")
     for d, b, c in costs:
         table.add_row(f"{d} s", f"{b} s", format_amount(c, cur))
+    console.print(table)
+
+
+@rates.command("plans")
+@json_option
+@pass_ctx
+def rates_plans(obj: Context, as_json: bool) -> None:
+    """List the plans with a deck: currency, active deck version and number of rates."""
+    found = obj.run(lambda st: st.rates.plans())
+    if as_json:
+        _emit([{"plan": p.plan, "currency": p.currency, "version": p.version,
+                "rates": p.rates} for p in found])
+        return
+    table = Table("plan", "currency", "version", "rates")
+    for p in found:
+        table.add_row(p.plan, p.currency, str(p.version), str(p.rates))
     console.print(table)
 
 

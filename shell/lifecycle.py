@@ -7,11 +7,13 @@ import json
 
 import click
 
-from prepaid import corrections
+from prepaid import corrections, plans
 from prepaid.errors import InputError
 from prepaid.inputs import check_email, check_text
 from prepaid.ledger import Account, account_json, check_account_id
 from prepaid.money import format_amount
+from prepaid.ratedeck import check_plan
+from prepaid.store import Store
 from shell.ops import Obj, json_option, operator_option
 
 MAX_NAME, MAX_NOTE = 100, 500
@@ -37,11 +39,14 @@ def _emit(acct: Account) -> None:
 @click.option("--email", default=None, help="Where receipts and warnings go ('' for none).")
 @click.option("--name", default=None, help="Who the account belongs to ('' to clear).")
 @click.option("--note", default=None, help="A note for admins ('' to clear).")
+@click.option("--plan", default=None, metavar="PLAN",
+              help="Rate its calls by PLAN's deck (in the account's currency).")
 @json_option
 @click.pass_obj
 def account_set(obj: Obj, account_id: str, email: str | None, name: str | None,
-                note: str | None, as_json: bool) -> None:
-    """Change ACCOUNT_ID's e-mail address, name or note."""
+                note: str | None, plan: str | None, as_json: bool) -> None:
+    """Change ACCOUNT_ID's e-mail address, name, note or plan. A new plan rates the calls
+    authorized from now on; calls already up keep the rate they were authorized with."""
     check_account_id(account_id)
     values: dict[str, str] = {}
     if email is not None:
@@ -50,9 +55,19 @@ def account_set(obj: Obj, account_id: str, email: str | None, name: str | None,
         values["name"] = check_text(name, "--name", limit=MAX_NAME)
     if note is not None:
         values["note"] = check_text(note, "--note", limit=MAX_NOTE)
+    if plan is not None:
+        values["plan"] = check_plan(plan)
     if not values:
-        raise click.UsageError("give at least one of --email, --name, --note")
-    acct = obj.run(lambda st: st.ledger.update(account_id, **values))
+        raise click.UsageError("give at least one of --email, --name, --note, --plan")
+
+    async def body(st: Store) -> Account:
+        if plan is not None:  # nothing is converted: the plan must be in its currency
+            acct = await st.ledger.get(account_id)
+            plans.check_match(plan, await plans.currency_of(st, plan), acct.currency,
+                              f"account {account_id} ({acct.currency}) --plan {plan}")
+        return await st.ledger.update(account_id, **values)
+
+    acct = obj.run(body)
     if as_json:
         _emit(acct)
         return

@@ -74,7 +74,8 @@ async def test_a_new_deck_replaces_the_old_one_and_the_old_one_is_deleted(
         await reader.lookup("3538123", NORM)  # the reader's cached version moved on
     assert (await reader.lookup("1555", NORM)).name == "USA"
     keys = sorted([k.decode() async for k in client.scan_iter("prepaid:{rates}:*")])
-    assert keys == ["prepaid:{rates}:deck:2", "prepaid:{rates}:next", "prepaid:{rates}:version"]
+    assert keys == ["prepaid:{rates}:deck:2", "prepaid:{rates}:next", "prepaid:{rates}:plans",
+                    "prepaid:{rates}:version"]
     await client.aclose()
 
 
