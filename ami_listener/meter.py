@@ -472,7 +472,7 @@ def _info(h: dict[str, str]) -> CallInfo | None:
                         record.channel, timestamp_us(answered) if answered else None,
                         int(h.get("blocks_paid", "0") or 0),
                         int(noted) if noted.isdigit() else None,
-                        max_seconds=record.max_seconds)
+                        max_seconds=record.max_seconds, plan=record.plan)
     except (KeyError, ValueError, TypeError) as exc:
         log.debug("unusable call record: %s", exc)
         return None

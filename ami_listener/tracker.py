@@ -75,6 +75,7 @@ class CallInfo:
     blocks_paid: int = 0
     cdr_billsec: int | None = None  # CDRs already posted for it (a transfer's first leg)
     max_seconds: int = 0  # the paid time the authorization foresaw (Dial's L() warns by it)
+    plan: str = ""  # the plan whose deck gave the rate
 
 
 # -- actions ---------------------------------------------------------------------------
@@ -183,6 +184,7 @@ class Finish:
     charges: tuple[Block, ...] = ()
     refunds: tuple[Block, ...] = ()
     release: bool = False
+    plan: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,6 +208,7 @@ class Settlement:
     # The rate the call was billed at (JSON of the Rate), so `prepaid verify` can check
     # the cost against it after the deck has changed.
     tariff: str = ""
+    plan: str = ""  # the account's plan when the call was authorized
 
     def fields(self) -> dict[str, str]:
         return {"ref": self.ref, "account": self.account, "number": self.number,
@@ -214,7 +217,8 @@ class Settlement:
                 "ended": "" if self.ended is None else f"{self.ended:.6f}",
                 "duration": str(self.duration), "billed": str(self.billed),
                 "cost": str(self.cost), "blocks": str(self.blocks), "cause": self.cause,
-                "source": self.source, "cutoff": str(self.cutoff), "tariff": self.tariff}
+                "source": self.source, "cutoff": str(self.cutoff), "tariff": self.tariff,
+                "plan": self.plan}
 
 
 @dataclass(frozen=True, slots=True)
@@ -665,7 +669,7 @@ class Tracker:
                         if block_cost(rate, n) > 0)
         return Finish(call.ref, info.account, info.number, rate, duration, blocks, call.paid,
                       call.answered_us, call.ended_us, call.cause, source, call.refused,
-                      charges, refunds, blocks == 0)
+                      charges, refunds, blocks == 0, info.plan)
 
 
 def _settlement(f: Finish, past_credit: list[int]) -> Settlement:
@@ -682,7 +686,7 @@ def _settlement(f: Finish, past_credit: list[int]) -> Settlement:
                       None if f.ended_us is None else f.ended_us / US, f.duration,
                       billed_seconds(rate, f.duration), charged, f.blocks, f.cause, f.source,
                       f.cutoff or (past_credit[0] if past_credit else 0),
-                      rate_json(rate))
+                      rate_json(rate), f.plan)
 
 
 # -- dispatch -----------------------------------------------------------------------------

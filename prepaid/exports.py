@@ -94,7 +94,7 @@ class CallRow:
                 "prefix": self.prefix, "rate": self.rate, "answered": self.answered,
                 "ended": self.ended, "duration": self.duration, "billed": self.billed,
                 "cost": format_amount(self.cost), "cause": self.cause, "source": self.source,
-                "cutoff": self.cutoff}
+                "cutoff": self.cutoff, "plan": self.plan}
 
 
 async def account_ids(ledger: Ledger) -> AsyncIterator[str]:

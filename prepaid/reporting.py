@@ -16,8 +16,8 @@ from typing import Any
 from prepaid.exports import CallRow, HistoryRow
 from prepaid.ledger import Account
 from prepaid.money import format_amount
+from prepaid.ratedeck import DEFAULT_PLAN
 
-DEFAULT_PLAN = "default"
 # The head of a credit's idempotency key -> the kind of top-up it is.
 CREDIT_KINDS = {"topup": "manual", "autotopup": "automatic", "ivrtopup": "phone"}
 # Credits that are part of a call's settlement (paid-ahead blocks given back): in the

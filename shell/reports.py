@@ -353,7 +353,7 @@ async def build_report(store: Store, period: Period) -> Report:
             continue  # in the index, not (or no longer) an account
         plan = plan_of(fields)
         async for call in exports.calls(store.ledger, account, period):
-            report.add_call(call, plan)
+            report.add_call(call, call.plan or plan)  # the plan it was rated with
         async for row in exports.history(store.ledger, account, period):
             report.add_history(row)
         report.add_account(Account.from_hash(fields))

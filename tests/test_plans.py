@@ -16,11 +16,13 @@ import pytest
 from agi.server import AgiServer
 from ami_listener.meter import Meter, calls_key
 from ami_listener.runners import replay
+from prepaid.exports import EVER
 from prepaid.ratedeck import Normalisation, iter_csv, parse_csv
 from prepaid.ratestore import RateStore
 from prepaid.rating import Rate, cost
 from prepaid.redis_client import connect
 from prepaid.store import Store
+from shell.reports import build_report
 from testbed.agi_peer import DENY_TAIL, GET_CALLER, AgiPeer, agi_env, variable_commands
 from testbed.ami_peer import FIXTURES, load
 from testbed.replies import entries, fields
@@ -253,3 +255,8 @@ async def test_a_live_call_keeps_its_rate_when_its_plans_deck_is_replaced(
     assert (acct.balance, acct.held) == (10 * EUR - cost(old, 4), 0)
     [(_, logged)] = entries(await store.redis.xrange(calls_key(store.ledger, "alice")))
     assert logged["rate"] == "Italy gold" and int(logged["cost"]) == cost(old, 4) == 70_000
+    assert logged["plan"] == "gold"
+    # Moved after the call, alice's call still counts under the plan it was rated with.
+    await store.ledger.update("alice", plan="default")
+    report = await build_report(store, EVER)
+    assert {p: (t.count, t.amount) for p, t in report.plans.items()} == {"gold": (1, 70_000)}
