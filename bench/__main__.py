@@ -11,14 +11,28 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from bench import agi, ami, ami_client, audit, deck, e2e, goals, ledger, policy, scale, sip_ramp
+from bench import (
+    agi,
+    ami,
+    ami_client,
+    audit,
+    deck,
+    e2e,
+    goals,
+    ledger,
+    policy,
+    retention,
+    scale,
+    sip_ramp,
+)
 from bench.common import save
 
 # Each run() returns a dict of figures.
 BENCHMARKS: dict[str, Callable[[], dict[str, Any]]] = {
     "ledger": ledger.run, "agi": agi.run, "ami": ami.run, "ami_client": ami_client.run,
     "policy": policy.run, "e2e": e2e.run, "scale": scale.run, "sip_ramp": sip_ramp.run,
-    "deck": deck.run, "audit": audit.run}
+    "deck": deck.run, "audit": audit.run,
+    "retention": retention.run}
 
 
 def goal_table(rows: list[goals.Row]) -> Table:

@@ -11,7 +11,12 @@ A mismatch is one of:
   moment before its record);
 - ``call``: a settled call whose ledger charges differ from its cost, or whose cost is not
   what its rate gives for its billed time;
-- ``idempotency``: an idempotency key applied twice (two history entries carry it).
+- ``idempotency``: an idempotency key applied twice (two history entries carry it);
+- ``archive``: the archive files (prepaid/archive.py) end short of what was archived.
+
+An account's archived history and calls are read from the files first (``archive``, the
+directory; None: the check starts at the archived balance and leaves out the calls whose
+charges may be in the archive).
 
 Cheap enough to run hourly: accounts are found with SCAN (every node of a Cluster), read
 in batches with pipelined commands, and each history is streamed page by page, so memory
@@ -24,16 +29,19 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from prepaid import callrecord, keys, lua
+from prepaid import archive, callrecord, keys, lua
+from prepaid.archive import id_key
 from prepaid.errors import StoreUnavailable, UnknownAccount
 from prepaid.holds import CALL_HOLD, LIVE_STATES
 from prepaid.ledger import Ledger, check_account_id
 from prepaid.rating import billed_seconds, cost_of_billed, rate_from_json
 from prepaid.redis_client import REDIS_ERRORS, text
+from prepaid.scan import account_batches
 
-KINDS = ("balance", "history", "held", "hold", "call", "idempotency")
+KINDS = ("balance", "history", "held", "hold", "call", "idempotency", "archive")
 BATCH = 200  # accounts read per round of pipelines
 PAGE = 1000  # stream entries per XRANGE
 GRACE = 2.0  # seconds before a hold without a live call is counted (see above)
@@ -75,12 +83,23 @@ class AccountCheck:
     _keys: dict[str, str] = field(default_factory=dict)  # idempotency key -> first entry
     _charges: dict[str, int] = field(default_factory=dict)  # call ref -> net charged
     _calls: list[_Call] = field(default_factory=list)
+    calls_after_ms: int = 0  # calls answered before this may have charges not read
+
+    def resume(self, mark: Fields) -> None:
+        """Start from the archived part's last balance (its entries not read)."""
+        self.balance = int(mark.get("history_balance", "0") or 0)
+        self.held = int(mark.get("history_held", "0") or 0)
+        if mark.get("history"):
+            self.calls_after_ms = id_key(mark["history"])[0]
 
     def _add(self, kind: str, detail: str) -> None:
         self.found.append(Mismatch(self.account, kind, detail))
 
     def call(self, entry_id: str, f: Fields) -> None:
         try:
+            began = float(f.get("answered") or f.get("ended") or 0) * 1000
+            if began and began <= self.calls_after_ms:
+                return  # its charges may be in the archive, which is not read
             self._calls.append(_Call(f["ref"], int(f["cost"]), int(f["duration"]),
                                      int(f["billed"]), f.get("tariff", "")))
         except (KeyError, ValueError):
@@ -169,17 +188,14 @@ def _fields(raw: Any) -> Fields:
     return {text(items[i]): text(items[i + 1]) for i in range(0, len(items) - 1, 2)}
 
 
-def _glob(literal: str) -> str:
-    return "".join("\\" + ch if ch in "*?[]\\" else ch for ch in literal)
-
-
 class Audit:
     """``prepaid verify``: :meth:`run` yields every mismatch; ``accounts`` counts the
     accounts checked."""
 
     def __init__(self, ledger: Ledger, *, batch: int = BATCH, page: int = PAGE,
-                 grace: float = GRACE) -> None:
+                 grace: float = GRACE, archive: Path | None = None) -> None:
         self.ledger = ledger
+        self.archive = archive
         self.redis = ledger.redis
         self.prefix = ledger.prefix
         self.batch, self.page, self.grace = batch, page, grace
@@ -196,7 +212,7 @@ class Audit:
                 for m in found:
                     yield m
             else:
-                async for ids in self._scan():
+                async for ids in account_batches(self.redis, self.prefix, self.batch):
                     for m in await self._batch(ids):
                         yield m
             for m in await self._recheck():
@@ -205,33 +221,19 @@ class Audit:
             raise StoreUnavailable(f"Redis at {self.ledger.url or 'the configured URL'} is "
                                    f"unavailable during verify: {exc}") from exc
 
-    async def _scan(self) -> AsyncIterator[list[str]]:
-        """Account ids in batches: every key ``<prefix>:{acct:ID}`` (hashes), on every node."""
-        head = keys.account(self.prefix, "")[:-1]  # "<prefix>:{acct:"
-        ids: list[str] = []
-        async for key in self.redis.scan_iter(match=f"{_glob(head)}*}}", count=1000,
-                                              _type="hash"):
-            name = text(key)
-            account = name[len(head):-1]
-            if account and account not in ids:
-                ids.append(account)
-            if len(ids) >= self.batch:
-                yield ids
-                ids = []
-        if ids:
-            yield ids
-
     async def _pipe(self, commands: Iterable[tuple[str, ...]]) -> list[Any]:
         pipe = self.redis.pipeline(transaction=False)
         for cmd in commands:
             pipe.execute_command(*cmd)
         return list(await pipe.execute())
 
-    async def _pages(self, stream_keys: dict[str, str], ends: dict[str, str]
-                     ) -> AsyncIterator[tuple[str, list[tuple[str, Fields]]]]:
+    async def _pages(self, stream_keys: dict[str, str], ends: dict[str, str],
+                     after: dict[str, str]) -> AsyncIterator[tuple[str, list[tuple[str, Fields]]]]:
         """(account, page) of each account's stream, oldest first, every account's next page
-        in one pipeline, up to ``ends[account]`` (an entry id, or '+')."""
-        start = {a: "-" for a in stream_keys if ends.get(a, "+")}
+        in one pipeline, after ``after[account]`` (an id; all when none) up to
+        ``ends[account]`` (an entry id, or '+')."""
+        start = {a: "(" + after[a] if after.get(a) else "-" for a in stream_keys
+                 if ends.get(a, "+")}
         while start:
             accounts = list(start)
             replies = await self._pipe(
@@ -248,10 +250,16 @@ class Audit:
 
     async def _batch(self, ids: list[str]) -> list[Mismatch]:
         checks = {a: AccountCheck(a) for a in ids}
+        marks = {a: _fields(m) for a, m in zip(ids, await self._pipe(
+            ("HGETALL", keys.archive_mark(self.prefix, a)) for a in ids), strict=True)}
+        for a, mark in marks.items():
+            if mark:
+                self._archived(checks[a], mark)
         # The calls first: a call is logged after its last charge, so every charge of a
         # call read here is in the history read next.
         calls = {a: keys.account_calls(self.prefix, a) for a in ids}
-        async for a, page in self._pages(calls, {}):
+        after_calls = {a: m.get("calls", "") for a, m in marks.items()}
+        async for a, page in self._pages(calls, {}, after_calls):
             for entry_id, f in page:
                 checks[a].call(entry_id, f)
         snaps = await self._pipe(
@@ -265,7 +273,8 @@ class Audit:
             holds[a] = {k: int(v) for k, v in _fields(hold_list).items()}
             ends[a] = text(last[0][0]) if last else ""
         history = {a: self.ledger.keys(a)[2] for a in accounts}
-        async for a, page in self._pages(history, ends):
+        after_history = {a: marks[a].get("history", "") for a in accounts}
+        async for a, page in self._pages(history, ends, after_history):
             for entry_id, f in page:
                 checks[a].entry(entry_id, f)
         out: list[Mismatch] = []
@@ -274,6 +283,27 @@ class Audit:
             out.extend(checks[a].finish(accounts[a], holds[a]))
         await self._note_holds(holds)
         return out
+
+    def _archived(self, check: AccountCheck, mark: Fields) -> None:
+        """Feed the account's archived calls and history, up to what was marked archived."""
+        if self.archive is None:
+            check.resume(mark)
+            return
+        for stream, feed in (("calls", check.call), ("history", check.entry)):
+            want, last = mark.get(stream, ""), ""
+            if not want:
+                continue
+            for entry_id, f in archive.read(self.archive, check.account, stream):
+                if id_key(entry_id) > id_key(want):
+                    break  # written again after a crash: Redis still has it
+                feed(entry_id, f)
+                last = entry_id
+            if last != want:
+                check.found.append(Mismatch(
+                    check.account, "archive", f"{stream} archived up to {want} but the files "
+                    f"under {self.archive} end at {last or 'nothing'}"))
+                if stream == "history":
+                    check.resume(mark)
 
     async def _records(self, pairs: list[tuple[str, str]]) -> list[str]:
         """Why each (account, hold) is not a live call's ('' where it is)."""

@@ -225,6 +225,23 @@ class MetricsSettings:
 
 
 @dataclass(frozen=True)
+class LedgerSettings:
+    # How long an idempotency key is remembered: a retry within this many days is a
+    # duplicate, one later is applied again. At least 8: a settled call's record waits 7
+    # days for its call history (prepaid/callrecord.py FINISHED_TTL), its retries with it.
+    idempotency_days: int = 10
+
+
+@dataclass(frozen=True)
+class ArchiveSettings:
+    # `prepaid archive` moves history and calls older than this many days to monthly files
+    # under `dir` (JSON lines or CSV), then trims them from Redis.
+    retention_days: int = 90
+    dir: Path = Path("/var/lib/asterisk-prepaid/archive")
+    format: str = "jsonl"
+
+
+@dataclass(frozen=True)
 class Settings:
     source: str = "<defaults>"
     redis: RedisSettings = field(default_factory=RedisSettings)
@@ -236,6 +253,8 @@ class Settings:
     payments: PaymentsSettings = field(default_factory=PaymentsSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     web: WebSettings = field(default_factory=WebSettings)
+    ledger: LedgerSettings = field(default_factory=LedgerSettings)
+    archive: ArchiveSettings = field(default_factory=ArchiveSettings)
 
 
 # Keys whose TOML value is an amount in currency units; they are stored in micro-units.
@@ -407,12 +426,27 @@ def _validate(s: Settings, where: str) -> None:
     if s.billing.max_call_seconds < 1:
         raise ConfigError(f"{where}: [billing] max_call_seconds must be at least 1")
     _validate_web(s.web, where)
+    _validate_retention(s, where)
+
+
+def _validate_retention(s: Settings, where: str) -> None:
+    if not 8 <= s.ledger.idempotency_days <= 3650:
+        raise ConfigError(f"{where}: [ledger] idempotency_days must be 8 to 3650 (a settled "
+                          "call's charges may be retried for 7 days), not "
+                          f"{s.ledger.idempotency_days}")
+    if not 1 <= s.archive.retention_days <= 36500:
+        raise ConfigError(f"{where}: [archive] retention_days must be 1 to 36500, not "
+                          f"{s.archive.retention_days}")
+    if s.archive.format not in ("jsonl", "csv"):
+        raise ConfigError(f"{where}: [archive] format {s.archive.format!r} must be "
+                          "\"jsonl\" or \"csv\"")
 
 
 _SECTIONS: dict[str, type[Any]] = {
     "redis": RedisSettings, "billing": BillingSettings, "ami": AmiSettings, "agi": AgiSettings,
     "smtp": SmtpSettings, "policy": PolicySettings, "payments": PaymentsSettings,
-    "metrics": MetricsSettings, "web": WebSettings,
+    "metrics": MetricsSettings, "web": WebSettings, "ledger": LedgerSettings,
+    "archive": ArchiveSettings,
 }
 
 

@@ -21,6 +21,17 @@ def account_part(prefix: str, account_id: str, part: str) -> str:
     return f"{account(prefix, account_id)}:{part}"
 
 
+def idempotency_bucket(prefix: str, account_id: str, day: int) -> str:
+    """The account's idempotency keys first used in one bucket of time (a day; see
+    prepaid/ledger.lua), which expires once no retry can come."""
+    return account_part(prefix, account_id, f"idem:{day}")
+
+
+def archive_mark(prefix: str, account_id: str) -> str:
+    """How far the account's history and calls were archived (prepaid/archive.py)."""
+    return account_part(prefix, account_id, "archived")
+
+
 def account_pattern(prefix: str, part: str) -> tuple[str, str]:
     """(head, tail) of every account's ``part`` key, for SCAN: ``head*tail``."""
     return f"{prefix}:{{acct:", f"}}:{part}"

@@ -1,8 +1,11 @@
 -- The credit ledger: every balance change of one account in one atomic step.
--- KEYS: 1 account hash, 2 holds hash, 3 history stream, 4 idempotency hash, 5 the account's
--- outbox stream (all in the account's hash tag, so the script touches one cluster slot)
+-- KEYS: 1 account hash, 2 holds hash, 3 history stream, 4 the unbucketed idempotency hash
+-- of older releases (read until it expires), 5 the account's outbox stream, 6 today's
+-- idempotency bucket (written), 7... the earlier buckets of the retry window (read); all in
+-- the account's hash tag, so the script touches one cluster slot
 -- ARGV: 1 op, 2 idempotency key, 3 amount (micro-units), 4 reference, 5 hold id, 6 flags,
--- and for a correction (adjust, refund, reverse) 7 operator, 8 reason
+-- 7 operator and 8 reason (of a correction: adjust, refund, reverse; else empty), 9 seconds
+-- today's bucket lives after its last write (the window and one bucket)
 -- Reply: {status, balance, held, history entry id, crossed (0/1), hold amount}
 -- status is OK, DUP (same key seen: the first result is returned) or an error code.
 local acct, holds, hist, idem, outbox = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
@@ -18,8 +21,16 @@ end
 local balance = tonumber(redis.call('HGET', acct, 'balance'))
 local held = tonumber(redis.call('HGET', acct, 'held'))
 
+-- Redis 7.0 has no per-field expiry: keys live in one hash per day (a bucket), each
+-- expiring after the window, and a key is looked for in every bucket of the window.
+local bucket = KEYS[6] or idem
 if key ~= '' then
-  local prev = redis.call('HGET', idem, key)
+  local prev = nil
+  for i = 6, #KEYS do
+    prev = redis.call('HGET', KEYS[i], key)
+    if prev then break end
+  end
+  if not prev then prev = redis.call('HGET', idem, key) end
   if prev then
     local f = {}
     for part in string.gmatch(prev, '([^|]*)|?') do table.insert(f, part) end
@@ -94,7 +105,7 @@ redis.call('HSET', acct, 'balance', fmt(balance), 'held', fmt(held))
 
 local fields = {'kind', op, 'amount', fmt(delta), 'balance', fmt(balance), 'held', fmt(held),
   'ref', ref, 'hold', hold, 'key', key}
-if ARGV[7] then
+if ARGV[7] and ARGV[7] ~= '' then
   table.insert(fields, 'operator'); table.insert(fields, ARGV[7])
   table.insert(fields, 'reason'); table.insert(fields, ARGV[8] or '')
 end
@@ -118,7 +129,12 @@ if delta < 0 then
 end
 
 if key ~= '' then
-  redis.call('HSET', idem, key, table.concat({op, ARGV[3], fmt(balance), fmt(held), entry,
+  redis.call('HSET', bucket, key, table.concat({op, ARGV[3], fmt(balance), fmt(held), entry,
     tostring(crossed), fmt(hold_amount)}, '|'))
+  if ARGV[9] then
+    redis.call('EXPIRE', bucket, ARGV[9])
+    -- the unbucketed hash of an older release ages out with the window too
+    if redis.call('TTL', idem) == -1 then redis.call('EXPIRE', idem, ARGV[9]) end
+  end
 end
 return {'OK', balance, held, entry, crossed, hold_amount}

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +26,8 @@ from prepaid.redis_client import REDIS_ERRORS, RedisClient, mask_url, text
 
 log = logging.getLogger(__name__)
 
+DAY = 86400
+IDEMPOTENCY_DAYS = 10  # [ledger] idempotency_days
 _ACCOUNT_RE = re.compile(r"[A-Za-z0-9_.+@-]{1,64}")  # fullmatch: "$" allows a newline
 
 
@@ -145,10 +147,17 @@ def account_json(a: Account) -> dict[str, Any]:
 class Ledger:
     """Async access to accounts and their balances in one Redis."""
 
-    def __init__(self, client: RedisClient, prefix: str = "prepaid", url: str = "") -> None:
+    def __init__(self, client: RedisClient, prefix: str = "prepaid", url: str = "", *,
+                 idempotency_seconds: int = IDEMPOTENCY_DAYS * DAY, bucket_seconds: int = DAY,
+                 clock: Callable[[], float] = time.time) -> None:
         self.redis = client
         self.prefix = prefix
         self.url = mask_url(url)  # only for messages: never with its password
+        # A retry within idempotency_seconds is a duplicate; the keys are kept in one hash
+        # per bucket_seconds, each expiring after the window (Redis 7.0: no field expiry).
+        self.idempotency_seconds = idempotency_seconds
+        self.bucket_seconds = bucket_seconds
+        self.clock = clock
         self._ledger = client.register_script(lua.LEDGER)
         # Concurrent changes (every live call's block at a tick) share round trips.
         self.batch = batching.of(client)
@@ -165,6 +174,13 @@ class Ledger:
     def keys(self, account: str) -> list[str]:
         return [self.account_key(account),
                 *(keys.account_part(self.prefix, account, p) for p in keys.ACCOUNT_PARTS)]
+
+    def idempotency_buckets(self, account: str) -> list[str]:
+        """Today's bucket, then the earlier ones a retry within the window may be in."""
+        today = int(self.clock() // self.bucket_seconds)
+        back = -(-self.idempotency_seconds // self.bucket_seconds)
+        return [keys.idempotency_bucket(self.prefix, account, today - i)
+                for i in range(back + 1)]
 
     @property
     def outbox_key(self) -> str:
@@ -281,7 +297,9 @@ class Ledger:
         if not key:
             raise ValueError("every ledger change needs an idempotency key")
         reply = await self._call(self.batch.script(
-            self._ledger, self.keys(account), [op, key, str(amount), ref, hold, flags, *extra]))
+            self._ledger, self.keys(account) + self.idempotency_buckets(account),
+            [op, key, str(amount), ref, hold, flags, *(extra or ("", "")),
+             str(self.idempotency_seconds + self.bucket_seconds)]))
         status = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
         if status == "NO_ACCOUNT":
             raise UnknownAccount(account)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from prepaid.config import Settings
 from prepaid.errors import StoreUnavailable
-from prepaid.ledger import Ledger
+from prepaid.ledger import DAY, Ledger
 from prepaid.ratestore import RateStore
 from prepaid.redis_client import REDIS_ERRORS, RedisClient, connect
 
@@ -35,5 +35,7 @@ async def open_store(settings: Settings, *, check: bool = True) -> Store:
             raise StoreUnavailable(
                 f"cannot reach Redis at {settings.redis.safe_url}: {exc}") from None
     prefix = settings.redis.key_prefix
-    return Store(settings, client, Ledger(client, prefix, settings.redis.safe_url),
+    ledger = Ledger(client, prefix, settings.redis.safe_url,
+                    idempotency_seconds=settings.ledger.idempotency_days * DAY)
+    return Store(settings, client, ledger,
                  RateStore(client, prefix, settings.billing.currency))

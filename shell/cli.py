@@ -46,7 +46,7 @@ from prepaid.ratestore import ImportReport, Quote
 from prepaid.rating import Rate, billed_seconds, cost
 from prepaid.store import Store, open_store
 from shell import lifecycle, ops, reports
-from shell.audit import verify_cmd
+from shell.audit import archive_cmd, verify_cmd
 from shell.deadletters import dead_letters
 from shell.serve import default_services, serve_forever
 
@@ -658,3 +658,4 @@ for _command in (policy_cmd, card_group, sounds, *ops.COMMANDS, *reports.COMMAND
 main.add_command(verify_cmd)
 main.add_command(dead_letters)
 main.add_command(requests_cmd)
+main.add_command(archive_cmd)
