@@ -24,7 +24,7 @@ from typing import Any
 
 from prepaid import keys
 from prepaid.errors import InputError, StoreUnavailable
-from prepaid.ledger import Entry, Ledger
+from prepaid.ledger import Ledger
 from prepaid.redis_client import REDIS_ERRORS, text
 from prepaid.scan import account_batches
 
@@ -33,7 +33,8 @@ FORMATS = ("jsonl", "csv")
 PAGE = 1000
 # The columns of a CSV file, after the entry id; fields beyond them go in "extra" (JSON).
 COLUMNS = {
-    "history": ("kind", "amount", "balance", "held", "ref", "hold", "key"),
+    "history": ("kind", "amount", "balance", "held", "ref", "hold", "key", "operator",
+                "reason"),
     "calls": ("ref", "account", "number", "prefix", "rate", "answered", "ended", "duration",
               "billed", "cost", "blocks", "cause", "source", "cutoff", "tariff"),
 }
@@ -323,20 +324,3 @@ class Archiver:
 
 async def _one(account: str) -> Any:
     yield [account]
-
-
-async def history(ledger: Ledger, account: str, limit: int, root: Path | None) -> list[Entry]:
-    """The account's last ``limit`` history entries, newest first: Redis's, then the
-    archived ones under ``root`` if Redis holds fewer."""
-    out = await ledger.history(account, limit)
-    if len(out) >= limit or root is None:
-        return out
-    oldest = id_key(out[-1].id) if out else None
-    for entry_id, f in read_reversed(root, account, "history"):
-        if oldest is not None and id_key(entry_id) >= oldest:
-            continue  # archived but not yet trimmed: Redis has it
-        out.append(Entry(entry_id, f.get("kind", ""), int(f.get("amount", "0")),
-                         int(f.get("balance", "0")), int(f.get("held", "0")), f.get("ref", "")))
-        if len(out) >= limit:
-            break
-    return out

@@ -5,11 +5,13 @@ written by the metering listener), within a :class:`Period`, for one account or 
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from prepaid import keys, pages
+from prepaid import archive, keys, pages
+from prepaid.archive import id_key
 from prepaid.errors import StoreUnavailable
 from prepaid.ledger import Ledger
 from prepaid.money import format_amount
@@ -113,17 +115,53 @@ async def account_ids(ledger: Ledger) -> AsyncIterator[str]:
         start += INDEX_PAGE
 
 
+async def _entries(ledger: Ledger, account: str, stream: str, period: Period,
+                   newest_first: bool, root: Path | None
+                   ) -> AsyncIterator[tuple[str, dict[str, str]]]:
+    """The stream's entries in the period: with ``root``, the archived part (up to the
+    account's archived mark, from the files) before (or, newest first, after) Redis's."""
+    key = keys.account_part(ledger.prefix, account, stream)
+    mark = ""
+    if root is not None:
+        try:
+            raw = await ledger.redis.hget(keys.archive_mark(ledger.prefix, account), stream)
+        except REDIS_ERRORS as exc:
+            raise StoreUnavailable(f"Redis is unavailable reading {key}: {exc}") from exc
+        mark = text(raw) if raw else ""
+    start = period.start_id
+    if mark and (start == "-" or id_key(start) <= id_key(mark)):
+        start = "(" + mark  # Redis holds what came after the mark (and may not yet have
+        # trimmed what came before: that is read from the files)
+    archived: Iterator[tuple[str, dict[str, str]]] = iter(())
+    if mark and root is not None:
+        lo = -1 if period.since is None else round(period.since * 1000)
+        hi = None if period.until is None else round(period.until * 1000)
+        archived = (e for e in (archive.read_reversed if newest_first else archive.read)(
+            root, account, stream) if id_key(e[0]) <= id_key(mark)
+            and lo <= id_key(e[0])[0] and (hi is None or id_key(e[0])[0] < hi))
+    if not newest_first:
+        for e in archived:
+            yield e
+    async for e in pages.entries(ledger.redis, key, start, period.end_id,
+                                 newest_first=newest_first):
+        yield e
+    if newest_first:
+        for e in archived:
+            yield e
+
+
 async def history(ledger: Ledger, account: str, period: Period = EVER, *,
-                  newest_first: bool = False) -> AsyncIterator[HistoryRow]:
-    key = keys.account_part(ledger.prefix, account, "history")
-    async for entry_id, f in pages.entries(ledger.redis, key, period.start_id, period.end_id,
-                                           newest_first=newest_first):
+                  newest_first: bool = False, archive: Path | None = None
+                  ) -> AsyncIterator[HistoryRow]:
+    """The account's history in the period; with ``archive`` (the directory of ``prepaid
+    archive``) its archived part too."""
+    async for entry_id, f in _entries(ledger, account, "history", period, newest_first,
+                                      archive):
         yield HistoryRow.from_entry(account, entry_id, f)
 
 
 async def calls(ledger: Ledger, account: str, period: Period = EVER, *,
-                newest_first: bool = False) -> AsyncIterator[CallRow]:
-    key = keys.account_part(ledger.prefix, account, "calls")
-    async for entry_id, f in pages.entries(ledger.redis, key, period.start_id, period.end_id,
-                                           newest_first=newest_first):
+                newest_first: bool = False, archive: Path | None = None
+                ) -> AsyncIterator[CallRow]:
+    async for entry_id, f in _entries(ledger, account, "calls", period, newest_first, archive):
         yield CallRow.from_entry(account, entry_id, f)

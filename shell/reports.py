@@ -218,7 +218,8 @@ def history(ctx: click.Context, account_id: str | None, limit: int | None, since
             await store.ledger.get(account_id)  # unknown: the error comes before any output
         out = Rows(form, HISTORY_CSV if form == "csv" else columns, title)
         async for account in _accounts(store, account_id):
-            rows_of = exports.history(store.ledger, account, period, newest_first=recent)
+            rows_of = exports.history(store.ledger, account, period, newest_first=recent,
+                                      archive=store.settings.archive.dir)
             async for r in _limited(rows_of, RECENT if recent and limit is None else limit):
                 _history_out(out, r, currency, every)
         return out
@@ -288,7 +289,8 @@ def calls_cmd(ctx: click.Context, account: str | None, limit: int | None, refuse
                    f"calls of {account}" if account else "calls of every account",
                    head=head, tail="}")
         async for each in _accounts(store, account):
-            rows_of = exports.calls(store.ledger, each, period, newest_first=recent)
+            rows_of = exports.calls(store.ledger, each, period, newest_first=recent,
+                                    archive=store.settings.archive.dir)
             async for c in _limited(rows_of, RECENT if recent and limit is None else limit):
                 _call_out(out, c, currency, every)
         return out
@@ -352,9 +354,11 @@ async def build_report(store: Store, period: Period) -> Report:
         if not fields:
             continue  # in the index, not (or no longer) an account
         plan = plan_of(fields)
-        async for call in exports.calls(store.ledger, account, period):
+        async for call in exports.calls(store.ledger, account, period,
+                                        archive=store.settings.archive.dir):
             report.add_call(call, call.plan or plan)  # the plan it was rated with
-        async for row in exports.history(store.ledger, account, period):
+        async for row in exports.history(store.ledger, account, period,
+                                         archive=store.settings.archive.dir):
             report.add_history(row)
         report.add_account(Account.from_hash(fields))
     return report
