@@ -36,7 +36,7 @@ COLUMNS = {
     "history": ("kind", "amount", "balance", "held", "ref", "hold", "key", "operator",
                 "reason"),
     "calls": ("ref", "account", "number", "prefix", "rate", "answered", "ended", "duration",
-              "billed", "cost", "blocks", "cause", "source", "cutoff", "tariff"),
+              "billed", "cost", "blocks", "cause", "source", "cutoff", "tariff", "plan"),
 }
 _MONTH = re.compile(r"[0-9]{4}-[0-9]{2}")
 
