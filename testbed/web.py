@@ -109,6 +109,17 @@ def browser_missing() -> str:
     return ""
 
 
+def screenshot(driver: Any, path: Path) -> Path:
+    """The whole page, not only the window: the window is made as tall as the page."""
+    width = int(driver.get_window_size()["width"])
+    height = int(driver.execute_script("return document.documentElement.scrollHeight"))
+    before = driver.get_window_size()
+    driver.set_window_size(width, height + 120)  # the browser's own frame takes some
+    driver.save_screenshot(str(path))
+    driver.set_window_size(before["width"], before["height"])
+    return path
+
+
 def chromium(width: int = 1100, height: int = 1400) -> Any:
     """A headless Chromium (Debian's) driven by Selenium through Debian's chromedriver."""
     options = webdriver.ChromeOptions()
