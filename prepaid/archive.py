@@ -11,11 +11,16 @@ first, for ``prepaid verify`` and ``prepaid history``.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import csv
 import io
 import json
+import logging
 import os
 import re
+import socket
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -23,10 +28,13 @@ from pathlib import Path
 from typing import Any
 
 from prepaid import keys
-from prepaid.errors import InputError, StoreUnavailable
+from prepaid.config import ArchiveSettings
+from prepaid.errors import InputError, PrepaidError, StoreUnavailable
 from prepaid.ledger import Ledger
 from prepaid.redis_client import REDIS_ERRORS, text
 from prepaid.scan import account_batches
+
+log = logging.getLogger(__name__)
 
 STREAMS = ("history", "calls")
 FORMATS = ("jsonl", "csv")
@@ -324,3 +332,36 @@ class Archiver:
 
 async def _one(account: str) -> Any:
     yield [account]
+
+
+DAY = 86400
+DAILY_TRY_SECONDS = 3600  # how often `serve` looks whether today's archive is still to run
+
+
+async def daily(ledger: Ledger, settings: ArchiveSettings, stop: asyncio.Event, *,
+                every: float = DAILY_TRY_SECONDS) -> None:
+    """``[archive] daily``: once a day, one of the servers sharing the Redis (the one that
+    takes the day's key first) archives what is older than ``retention_days``. A run that
+    fails gives the day back, to be tried again ``every`` seconds later."""
+    host = socket.gethostname()
+    while not stop.is_set():
+        day = int(time.time() // DAY)
+        key = keys.archive_day(ledger.prefix, day)
+        try:
+            if await ledger.redis.set(key, host, nx=True, ex=2 * DAY):
+                before_ms = (day - settings.retention_days) * DAY * 1000
+                try:
+                    result = await Archiver(ledger, settings.dir, settings.format).run(before_ms)
+                except (PrepaidError, OSError) as exc:
+                    await ledger.redis.delete(key)
+                    log.error("daily archive to %s failed: %s; trying again in %.0f s",
+                              settings.dir, exc, every)
+                else:
+                    log.info("daily archive: %s history entries and %s calls of %s accounts "
+                             "moved to %s", result.history, result.calls, result.accounts,
+                             settings.dir)
+        except REDIS_ERRORS as exc:
+            log.warning("daily archive: Redis unavailable (%s); trying again in %.0f s", exc,
+                        every)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), every)

@@ -239,6 +239,7 @@ class ArchiveSettings:
     retention_days: int = 90
     dir: Path = Path("/var/lib/asterisk-prepaid/archive")
     format: str = "jsonl"
+    daily: bool = False  # `prepaid serve` (its policy service) archives once a day
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,11 @@ def archive_mark(prefix: str, account_id: str) -> str:
     return account_part(prefix, account_id, "archived")
 
 
+def archive_day(prefix: str, day: int) -> str:
+    """Taken by the server that runs the day's archive (``[archive] daily``)."""
+    return f"{prefix}:archive-day:{day}"
+
+
 def account_pattern(prefix: str, part: str) -> tuple[str, str]:
     """(head, tail) of every account's ``part`` key, for SCAN: ``head*tail``."""
     return f"{prefix}:{{acct:", f"}}:{part}"

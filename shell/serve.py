@@ -53,7 +53,7 @@ import agi.server
 import ami_listener.service
 import policy.phone
 import policy.web.app
-from prepaid import health, metrics
+from prepaid import archive, health, metrics
 from prepaid.config import Settings
 from prepaid.errors import ServeError
 from prepaid.store import Store, open_store
@@ -62,8 +62,19 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 Runner = Callable[[Store, asyncio.Event], Coroutine[Any, Any, None]]
+
+
+async def _policy(store: Store, stop: asyncio.Event) -> None:
+    """The policy service, and the daily archive when ``[archive] daily`` is set."""
+    async with asyncio.TaskGroup() as tasks:
+        tasks.create_task(policy.phone.serve(store, stop))
+        if store.settings.archive.daily:
+            tasks.create_task(archive.daily(store.ledger, store.settings.archive, stop),
+                              name="archive")
+
+
 SERVICES: dict[str, Runner] = {"agi": agi.server.run, "ami": ami_listener.service.run,
-                               "policy": policy.phone.serve, "web": policy.web.app.run}
+                               "policy": _policy, "web": policy.web.app.run}
 # The services that take listening sockets the supervisor bound.
 _LISTENERS: dict[str, Callable[..., Coroutine[Any, Any, None]]] = {
     "agi": agi.server.run, "web": policy.web.app.run}

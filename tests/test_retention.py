@@ -4,19 +4,21 @@ monthly files, trimmed from Redis only once on disk, still seen by verify and hi
 
 from __future__ import annotations
 
+import asyncio
 import json
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
-from prepaid import keys
+from prepaid import archive, keys
 from prepaid.archive import Archiver, Result, id_key, read
 from prepaid.audit import Audit, Mismatch
-from prepaid.config import parse
+from prepaid.config import ArchiveSettings, parse
 from prepaid.errors import ConfigError
 from prepaid.ledger import DAY, Ledger
 from prepaid.redis_client import connect
+from testbed.ami_peer import wait_until
 from testbed.replies import entries
 from tests.conftest import Run, cli
 from tests.test_verify import healthy, on_ledger
@@ -265,3 +267,50 @@ def test_archive_with_redis_down_is_one_clear_line(tmp_path: Path) -> None:
     out = cli(conf)("archive", "--dir", str(tmp_path / "a"))
     assert out.exit_code == 1
     assert out.output.startswith("prepaid: error: cannot reach Redis at redis://127.0.0.1:1")
+
+
+async def test_daily_archive_runs_once_a_day_among_servers(ledger: Ledger,
+                                                           tmp_path: Path) -> None:
+    await healthy(ledger)
+    # retention -1 day: everything up to tomorrow is "old" (the config allows 1 and up).
+    settings = ArchiveSettings(retention_days=-1, dir=tmp_path / "d", daily=True)
+    stop = asyncio.Event()
+    servers = [asyncio.create_task(archive.daily(ledger, settings, stop, every=0.05))
+               for _ in range(2)]
+
+    async def trimmed() -> bool:
+        return await stream(ledger, ledger.keys("alice")[2]) == []
+    await wait_until(trimmed, what="the daily archive")
+    await wait_until(lambda: _true(len(list((tmp_path / "d").glob("*/*.jsonl"))) == 3),
+                     what="three files")
+    stop.set()
+    await asyncio.gather(*servers)
+    for a in ("alice", "bob"):
+        ids = [i for i, _ in read(tmp_path / "d", a, "history")]
+        assert ids and len(ids) == len(set(ids))
+    day = int(datetime.now(UTC).timestamp() // DAY)
+    assert await ledger.redis.ttl(keys.archive_day("prepaid", day)) > DAY
+
+
+async def test_a_failed_daily_archive_gives_the_day_back(
+        ledger: Ledger, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    await healthy(ledger)
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    settings = ArchiveSettings(retention_days=-1, dir=blocker, daily=True)
+    stop = asyncio.Event()
+    task = asyncio.create_task(archive.daily(ledger, settings, stop, every=30))
+
+    async def logged() -> bool:
+        return any("daily archive to" in r.getMessage() and r.levelname == "ERROR"
+                   for r in caplog.records)
+    await wait_until(logged, what="the failure logged")
+    stop.set()
+    await task
+    day = int(datetime.now(UTC).timestamp() // DAY)
+    assert not await ledger.redis.exists(keys.archive_day("prepaid", day))
+    assert len(await stream(ledger, ledger.keys("alice")[2])) > 1  # nothing trimmed
+
+
+async def _true(value: bool) -> bool:
+    return value
