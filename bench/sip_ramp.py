@@ -4,7 +4,7 @@ One Asterisk 22 with the shipped asterisk-conf/ files over real SIP (``Pbx(trunk
 callers are PJSIP endpoints of ``ACCOUNTS`` accounts, the shipped ``Dial(PJSIP/<n>@my-trunk)``
 goes to a far-end SIPp that echoes the RTP), one ``prepaid serve`` with a config made from
 asterisk-conf/prepaid.toml, one Redis. Each step offers ``rate`` calls a second for
-``STEP_SECONDS`` s, calls of 3 or 4 s (the caller hangs up) streaming RTP, 1/1 billing. The
+``STEP_SECONDS`` s, calls of 3 to 15 s (the caller hangs up) streaming RTP, 1/1 billing. The
 ramp stops at the first step where Asterisk itself saturates: more than ``SATURATED`` of the
 calls failed in SIPp or were never answered, or the machine's CPU was pegged with Asterisk
 taking a whole core of it.
@@ -57,9 +57,9 @@ from testbed.sipload import CallSpec, FarEnd, LoadResult, agi_latencies, channel
 
 log = logging.getLogger(__name__)
 
-RATES = (20, 40, 80, 120, 160)  # calls offered a second, one step each
+RATES = (10, 50, 100, 200)  # calls offered a second, one step each
 STEP_SECONDS = 30  # how long each rate is offered
-HOLDS_MS = (3000, 4000)  # the callers hang up after this, in turn
+HOLDS_MS = (3000, 6000, 9000, 15000)  # the callers hang up after this, in turn
 ACCOUNTS = 100
 OPENING = 1_000_000_000  # 1000.00 each: no call is ever short of credit
 SATURATED = 0.03  # failed or unanswered calls above this share: Asterisk is saturated
@@ -371,10 +371,16 @@ async def _ramp(rig: Rig, settings: Settings, rates: list[float],
 def table(steps: list[Step]) -> str:
     """The ramp as a Markdown table (for the README)."""
     lines = ["| calls/s | peak calls up | auth p50/p99 ms | misbilled calls | callers refused "
-             "| holds left (EUR) |", "|---|---|---|---|---|---|"]
+             "| holds left (EUR) | CPU serve / Asterisk / Redis | serve / Asterisk |",
+             "|---|---|---|---|---|---|---|---|"]
     for s in steps:
+        serve = sum(v for k, v in s.cpu.items() if k not in ("asterisk", "redis"))
+        asterisk, redis = s.cpu.get("asterisk", 0.0), s.cpu.get("redis", 0.0)
+        ratio = f"{serve / asterisk:.2f}" if asterisk else "-"
         lines.append(f"| {s.rate:g} | {s.peak_up} | {s.auth_p50_ms:.0f} / {s.auth_p99_ms:.0f} "
-                     f"| {s.misbilled} of {s.dialed} | {s.refused} | {s.holds_left / 1e6:.2f} |")
+                     f"| {s.misbilled} of {s.dialed} | {s.refused} | {s.holds_left / 1e6:.2f} "
+                     f"| {100 * serve:.0f}% / {100 * asterisk:.0f}% / {100 * redis:.0f}% "
+                     f"| {ratio} |")
     return "\n".join(lines)
 
 
