@@ -31,6 +31,11 @@ if key ~= '' then
     if prev then break end
   end
   if not prev then prev = redis.call('HGET', idem, key) end
+  -- a refund or a reverse undoes its top-up or call once, however late it is retried:
+  -- its key is kept for good, in the account's own hash (few: each is an admin's act)
+  if not prev and (op == 'refund' or op == 'reverse') then
+    prev = redis.call('HGET', acct, 'once:' .. key)
+  end
   if prev then
     local f = {}
     for part in string.gmatch(prev, '([^|]*)|?') do table.insert(f, part) end
@@ -129,8 +134,10 @@ if delta < 0 then
 end
 
 if key ~= '' then
-  redis.call('HSET', bucket, key, table.concat({op, ARGV[3], fmt(balance), fmt(held), entry,
-    tostring(crossed), fmt(hold_amount)}, '|'))
+  local done = table.concat({op, ARGV[3], fmt(balance), fmt(held), entry, tostring(crossed),
+    fmt(hold_amount)}, '|')
+  redis.call('HSET', bucket, key, done)
+  if op == 'refund' or op == 'reverse' then redis.call('HSET', acct, 'once:' .. key, done) end
   if ARGV[9] then
     redis.call('EXPIRE', bucket, ARGV[9])
     -- the unbucketed hash of an older release ages out with the window too

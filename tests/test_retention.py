@@ -56,6 +56,31 @@ async def test_a_retry_within_the_window_is_a_duplicate_and_later_is_not(
         await client.aclose()
 
 
+async def test_a_refund_or_reverse_is_never_applied_twice_however_late(redis_url: str) -> None:
+    """A top-up's refund (and a call's reverse) undoes it once: a retry months later, long
+    after the idempotency window, is still a duplicate."""
+    client = connect(redis_url)
+    clock = Clock()
+    ledger = Ledger(client, idempotency_seconds=10 * DAY, clock=clock)
+    try:
+        await ledger.create_account("carol", currency="EUR")
+        await ledger.credit("carol", 900, key="topup:t1")
+        first = await ledger.correct("refund", "carol", 900, key="refund:topup:t1", ref="t1",
+                                    operator="admin", reason="test")
+        await ledger.correct("reverse", "carol", 300, key="reverse:c1", ref="c1",
+                             operator="admin", reason="test")
+        clock.now = T0 + 90 * DAY  # every bucket of the window has expired long ago
+        again = await ledger.correct("refund", "carol", 900, key="refund:topup:t1", ref="t1",
+                                     operator="admin", reason="test", force=True)
+        back = await ledger.correct("reverse", "carol", 300, key="reverse:c1", ref="c1",
+                                    operator="admin", reason="test")
+        assert again.duplicate and back.duplicate
+        assert again.entry == first.entry
+        assert (await ledger.get("carol")).balance == 300
+    finally:
+        await client.aclose()
+
+
 async def test_idempotency_buckets_are_per_day_and_expire(ledger: Ledger) -> None:
     await ledger.create_account("bob", currency="EUR")
     await ledger.credit("bob", 500, key="k1")
