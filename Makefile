@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup test lint bench sounds lock demo clean
+.PHONY: setup test lint bench sounds lock demo demo-web clean
 
 setup:
 	bash scripts/setup.sh
@@ -25,6 +25,9 @@ lock:
 
 demo: setup
 	$(PY) -m testbed.demo
+
+demo-web: setup  # the "My account" page alone: no Asterisk, no root
+	$(PY) -m testbed.webdemo
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -48,11 +48,14 @@ from testbed.pbx import (
 )
 from testbed.servers import RedisServer
 from testbed.smtp_sink import SmtpSink
+from testbed.web import browser_missing
+from testbed.webdemo import screenshots
 
 BASE = Path(os.environ.get("PREPAID_DEMO_DIR", "/tmp/asterisk-prepaid-demo"))
 VENV_BIN = Path(sys.executable).parent
 PREPAID = str(VENV_BIN / "prepaid")
 DEADLINE = 90.0  # seconds for the scripted calls, after which the demo gives up
+WEB_ACCOUNT, WEB_PIN = "alice", "1234"  # who logs in to "My account" after the calls
 
 RATES = """\
 prefix,name,price_per_minute,connect_fee,initial_increment,increment
@@ -146,16 +149,18 @@ class Demo:
         self.started = 0.0
         self.log_offset = 0
         self.seen_mail: list[EmailMessage] = []
+        self.web_port = 0
 
     # -- set-up -----------------------------------------------------------------------
     def note(self, text: str) -> None:
         stamp = f"{time.monotonic() - self.started:5.1f}s" if self.started else "  -  "
         self.events.append(f"[dim]{stamp}[/] {text}")
 
-    def cli(self, *args: str) -> str:
+    def cli(self, *args: str, stdin: str | None = None) -> str:
         cmd = [PREPAID, "--config", str(self.config), *args]
         self.console.print(f"  [dim]$ prepaid {' '.join(args)}[/]")
-        res = subprocess.run(cmd, capture_output=True, text=True, env=self.env, timeout=30)
+        res = subprocess.run(cmd, capture_output=True, text=True, env=self.env, timeout=30,
+                             input=stdin)
         if res.returncode != 0:
             raise RuntimeError(f"prepaid {' '.join(args)} failed: {res.stderr.strip()}")
         return res.stdout
@@ -171,6 +176,7 @@ class Demo:
         self.smtp = SmtpSink(BASE / "mail").start()
         c.print(f"  SMTP sink on 127.0.0.1:{self.smtp.port}, mails to {BASE / 'mail'}")
         agi_port = free_port(socket.SOCK_STREAM)
+        self.web_port = free_port(socket.SOCK_STREAM)
         self.pbx = Pbx(agi_port=agi_port)
         await asyncio.to_thread(self.pbx.start)
         c.print(f"  Asterisk 22 (project dialplan, AMI 127.0.0.1:{self.pbx.ami_port}) booted in "
@@ -187,7 +193,9 @@ class Demo:
             f'[agi]\nlisten = "127.0.0.1:{agi_port}"\n\n'
             f'[smtp]\nhost = "127.0.0.1"\nport = {self.smtp.port}\n'
             'from = "prepaid@demo.example"\n\n'
-            '[payments]\ngateway = "sandbox"\n')
+            '[payments]\ngateway = "sandbox"\n\n'
+            f'[web]\nlisten = "127.0.0.1:{self.web_port}"\n'
+            'support_email = "support@demo.example"\n')
         self.config.chmod(0o640)
         self.env["PREPAID_AMI_SECRET"] = secret  # secrets in the environment, not the file
         load(self.config, self.env)  # a bad config fails here, with the key named
@@ -199,6 +207,7 @@ class Demo:
                 self.cli("topup", name, amount, "--reference", f"demo-opening-{name}")
             for args in extra:
                 self.cli(*args)
+        self.cli("account", "pin", WEB_ACCOUNT, stdin=f"{WEB_PIN}\n")  # for "My account"
         self.client = connect(self.redis.url)
         self.ledger = Ledger(self.client)
         for name, *_ in ACCOUNTS:
@@ -217,7 +226,7 @@ class Demo:
         log_path = BASE / "serve.log"
         self.console.print(f"  [dim]$ prepaid --config {self.config} serve[/]  (log {log_path})")
         self.serve = self.spawn_serve(log_path)
-        wanted = ["FastAGI listening", "AMI connected", "policy worker"]
+        wanted = ["FastAGI listening", "AMI connected", "policy worker", "web page on"]
         deadline = time.monotonic() + 20
         while True:
             text = log_path.read_text(errors="replace")
@@ -226,7 +235,8 @@ class Demo:
             if self.serve.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"prepaid serve did not come up:\n{text[-3000:]}")
             await asyncio.sleep(0.05)  # polling a log file with a deadline
-        self.console.print("  prepaid serve is up: FastAGI, AMI metering, policy worker")
+        self.console.print("  prepaid serve is up: FastAGI, AMI metering, policy worker, "
+                           f"web page on http://127.0.0.1:{self.web_port}")
         assert self.pbx is not None
         self.ami = await Ami.connect(self.pbx.ami_port, self.pbx.ami_username,
                                      self.pbx.ami_secret)
@@ -398,6 +408,29 @@ class Demo:
                            f"{BASE / 'mail'}; services' log: {BASE / 'serve.log'}; Asterisk's "
                            f"log: {self.pbx.log_path if self.pbx else '-'}")
 
+    # -- the web page -----------------------------------------------------------------
+    async def show_web(self) -> None:
+        """Leave "My account" up until Ctrl-C; without a terminal (or with
+        PREPAID_DEMO_WEB=screenshots) print screenshots of it instead."""
+        c, url = self.console, f"http://127.0.0.1:{self.web_port}"
+        if sys.stdin.isatty() and os.environ.get("PREPAID_DEMO_WEB") != "screenshots":
+            c.print(f"\n[bold]My account[/] is at [bold]{url}/login[/]: account "
+                    f"{WEB_ACCOUNT!r}, PIN {WEB_PIN} (sandbox test card 4242 4242 4242 4242). "
+                    "Ctrl-C stops the demo.")
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if task is not None:
+                    task.uncancel()  # Ctrl-C here is the normal end of the demo
+            return
+        if browser_missing():
+            c.print(f"[yellow]No screenshots of My account: {browser_missing()}[/]")
+            return
+        for path in await asyncio.to_thread(screenshots, url, BASE / "screenshots",
+                                            WEB_ACCOUNT, WEB_PIN):
+            c.print(f"  screenshot of My account: {path}")
+
     # -- tear-down --------------------------------------------------------------------
     async def tear_down(self) -> None:
         if self.ami is not None:
@@ -447,6 +480,7 @@ async def amain(console: Console) -> int:
         await demo.run_script()
         demo.summary()
         ok = all(c.settled for c in demo.calls)
+        await demo.show_web()
     finally:
         console.print("Stopping prepaid serve, Asterisk, the SMTP sink and Redis ...")
         await demo.tear_down()

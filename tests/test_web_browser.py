@@ -155,7 +155,7 @@ def test_a_customer_logs_in_stores_a_card_sets_automatic_top_up_and_adds_credit(
     assert checkout_ref.startswith("cs_sandbox_")
     # The page's history: the same entries, newest first.
     assert len(rows) == 5 and "account opened" in rows[4]
-    assert rows[0].split()[2:5] == ["top-up", "EUR", "20.00"]
+    assert rows[0].split()[2:5] == ["credit", "EUR", "20.00"]
     assert "EUR 10.00 EUR 22.00" in rows[2] and checkout_ref in rows[2]
     # The SMTP sink: the preset's receipt and the automatic top-up's, both to the customer.
     subjects = sorted(str(m["Subject"]) for m in smtp.messages)

@@ -107,7 +107,7 @@ async def render_account(web: Web, request: Request, session: WebSession, status
     cpage = views.page_number(request.query_params.get("c"))
     entries = await store.ledger.history(acct.id, limit=(hpage + 1) * size + 1)
     history, hinfo = views.page_of(entries, hpage, size)
-    calls_key = keys.account_part(store.settings.redis.key_prefix, acct.id, "calls")
+    calls_key = keys.account_calls(store.settings.redis.key_prefix, acct.id)
     raw: Any = await store.redis.xrevrange(calls_key, count=(cpage + 1) * size + 1)
     calls = [{text(k): text(v) for k, v in (f or {}).items()} for _, f in raw or []]
     call_page, cinfo = views.page_of(calls, cpage, size)

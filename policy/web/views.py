@@ -30,7 +30,7 @@ NOTICES = {
 
 ACTION_LABELS = {"none": "Do nothing", "email": "E-mail me",
                  "topup": "Top up automatically from my card"}
-KIND_LABELS = {"open": "account opened", "credit": "top-up", "debit": "charge",
+KIND_LABELS = {"open": "account opened", "credit": "credit", "debit": "charge",
                "reserve": "held for a call", "settle": "call", "release": "released"}
 # The CLI's option names in the shared rules' messages, as this page's fields.
 _FIELDS = {"--threshold": "the threshold", "--amount": "the top-up amount",
