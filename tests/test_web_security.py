@@ -3,6 +3,7 @@ brute force, CSRF, one account against another, cookie flags, CSP, HTTPS."""
 
 from __future__ import annotations
 
+import logging
 import ssl
 import subprocess
 from pathlib import Path
@@ -13,9 +14,11 @@ import pytest
 from policy.web.session import COOKIE, Sessions, WebSession
 from prepaid.config import Settings
 from prepaid.pins import LOCK_SECONDS, MAX_FAILURES, PinCheck, verify_pin
+from prepaid.redis_client import REDIS_ERRORS
 from prepaid.store import Store
+from testbed.servers import RedisServer
 from testbed.web import WebPage
-from tests.test_policy_support import EUR, Smtp, smtp
+from tests.test_policy_support import EUR, Smtp, smtp, wait_until
 from tests.web_fixtures import PIN, Browser, account, page, settings, store, web_settings
 
 __all__ = ["page", "settings", "smtp", "store"]  # fixtures
@@ -234,3 +237,36 @@ async def test_history_and_calls_are_paged(store: Store, page: WebPage, settings
     assert "353870000011" in first and "353870000001" not in first
     assert "353870000001" in (await b.get("/account?c=1")).text
     await b.aclose()
+
+
+async def test_redis_away_the_page_answers_503_logs_once_and_recovers(
+        store: Store, page: WebPage, redis_server: RedisServer,
+        caplog: pytest.LogCaptureFixture) -> None:
+    await account(store)
+    b = Browser(page.url)
+    await b.login()
+    redis_server.stop()  # the data goes with it: --save "" (a fresh Redis comes back)
+    try:
+        with caplog.at_level(logging.DEBUG, logger="policy.web.context"):
+            answers = [await b.get("/account"), await b.get("/account"),
+                       await b.post("/account/policy", {"action": "email", "threshold": "5"})]
+        assert [a.status_code for a in answers] == [503, 503, 503]
+        assert all("The service is unavailable just now" in a.text for a in answers)
+        assert all("content-security-policy" in a.headers for a in answers)
+        errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+        assert len(errors) == 1 and "unavailable" in errors[0].getMessage()
+    finally:
+        redis_server.start()
+    await wait_until(lambda: _pings(store))  # the test's own pooled connection was cut
+    await account(store)  # the new Redis is empty
+    with caplog.at_level(logging.INFO, logger="policy.web.context"):
+        assert (await b.get("/account")).status_code == 200
+    assert any("recovered after 3 failure(s)" in r.getMessage() for r in caplog.records)
+    await b.aclose()
+
+
+async def _pings(st: Store) -> bool:
+    try:
+        return bool(await st.redis.ping())
+    except REDIS_ERRORS:
+        return False

@@ -255,3 +255,13 @@ async def test_reconciliation_asks_stripe_for_what_no_webhook_brought(
         assert (await deliver(page.url, event("evt_l", session("cs_lost", amount=5000)))
                 ).json()["outcome"] == "duplicate"
     assert (await store.ledger.get("1001")).balance == 62 * EUR
+
+
+async def test_an_oversized_webhook_is_refused_unread(store: Store, page: WebPage) -> None:
+    await account(store)
+    obj = session("cs_big")
+    obj["padding"] = "x" * 600_000
+    payload = event("evt_big", obj)
+    resp = await deliver(page.url, payload)
+    assert resp.status_code == 413
+    assert await credits(store) == []

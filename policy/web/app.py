@@ -28,6 +28,7 @@ from policy.web.security import SecureHeaders
 from policy.web.session import RateLimit
 from prepaid.config import Settings
 from prepaid.errors import ConfigError, PrepaidError, ServeError
+from prepaid.redis_client import REDIS_ERRORS
 from prepaid.store import Store
 
 log = logging.getLogger(__name__)
@@ -63,14 +64,15 @@ def build_app(store: Store, checkout: Checkout | None = None) -> Any:
             "Go back, reload the page and try again.", csrf="", account=""), status_code=403)
 
     async def unavailable(request: Request, exc: Exception) -> Response:
-        log.error("web page: %s", exc)
+        web.outage.failure(exc)
         return HTMLResponse(web.templates.get_template("message.html").render(
             title="Unavailable", text="The service is unavailable just now; try again in a "
             "minute.", csrf="", account=""), status_code=503)
 
     extra = [*pay.SANDBOX_ROUTES] if isinstance(checkout, SandboxCheckout) else []
     app = Starlette(routes=[*routes.ROUTES, *pay.ROUTES, *extra, Route("/static/app.css", _css)],
-                    exception_handlers={Forbidden: forbidden, PrepaidError: unavailable})
+                    exception_handlers={Forbidden: forbidden, PrepaidError: unavailable,
+                                        **{e: unavailable for e in REDIS_ERRORS}})
     app.state.web = web
     targets = [STRIPE_CHECKOUT] if checkout.name == "stripe" else []
     return SecureHeaders(app, https=settings.web.https, form_targets=targets)

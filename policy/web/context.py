@@ -4,8 +4,9 @@ rendering with the session cookie)."""
 
 from __future__ import annotations
 
+import logging
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from jinja2 import Environment, PackageLoader, select_autoescape
@@ -16,7 +17,10 @@ from starlette.responses import HTMLResponse, RedirectResponse, Response
 from policy.web.checkout import Checkout
 from policy.web.session import COOKIE, CSRF_FIELD, RateLimit, Sessions, WebSession, csrf_ok
 from prepaid.config import Settings
+from prepaid.outage import OutageLog
 from prepaid.store import Store
+
+log = logging.getLogger(__name__)
 
 LOGIN_PER_MINUTE = 20  # log-in attempts from one address (the PIN lock-out is per account)
 
@@ -32,6 +36,9 @@ class Web:
     sessions: Sessions
     templates: Environment
     login_limit: RateLimit
+    # Redis or the payment provider away: one ERROR line per outage, not one per page.
+    outage: OutageLog = field(default_factory=lambda: OutageLog(log, "the web page's Redis "
+                                                                     "or payment provider"))
 
     @property
     def settings(self) -> Settings:
@@ -56,6 +63,7 @@ class Web:
             csrf=session.csrf, account=session.account, **context)
         response = HTMLResponse(page, status_code=status)
         self.keep(response, session)
+        self.outage.success()
         return response
 
     def keep(self, response: Response, session: WebSession | None) -> None:

@@ -24,6 +24,8 @@ from prepaid.money import format_amount, parse_amount
 
 log = logging.getLogger(__name__)
 
+MAX_WEBHOOK_BYTES = 512 * 1024  # Stripe's events are a few kB
+
 
 async def _form_session(web: Web, request: Request) -> tuple[WebSession | None, str]:
     session, form = await web.posted(request)
@@ -108,7 +110,11 @@ async def stripe_webhook(request: Request) -> Response:
     secret = web.settings.payments.stripe_webhook_secret
     if web.checkout.name != "stripe" or not secret:
         return JSONResponse({"error": "no webhook here"}, status_code=404)
+    if int(request.headers.get("content-length") or 0) > MAX_WEBHOOK_BYTES:
+        return JSONResponse({"error": "too large"}, status_code=413)
     payload = await request.body()
+    if len(payload) > MAX_WEBHOOK_BYTES:  # sent chunked, without a length
+        return JSONResponse({"error": "too large"}, status_code=413)
     try:
         event = fulfil.verify_event(payload, request.headers.get("stripe-signature", ""),
                                     secret)
