@@ -38,6 +38,7 @@ from testbed.ami_peer import (
 )
 from testbed.replies import entries
 from testbed.servers import RedisServer
+from tests.conftest import assert_verified
 from tests.faults.test_ami_duplicates import variants
 
 NAMES = [p.stem for p in PROJECT_RECORDINGS]
@@ -158,6 +159,7 @@ async def check_billed(ledger: Ledger, sc: Scenario) -> None:
             assert int(row["cost"]) == charged and int(row["duration"]) == c.billsec, row
         assert acct.balance == opening - sc.full(account), (sc.name, account)
         assert acct.balance >= -max(block_cost(c.rate, 2) for c in sc.calls), sc.name
+    await assert_verified(ledger)  # and prepaid verify finds nothing amiss
 
 
 def check_hangups(sc: Scenario, hangups: Sequence[Mapping[str, str]],
@@ -403,6 +405,7 @@ async def test_attaching_at_every_point_of_the_stream(ledger: Ledger, redis_serv
             assert len(keys) == len(set(keys)), start
             mine = sorted(c.ref for c in sc.calls if c.account == account)
             assert sorted(r["ref"] for r in await logged(ledger, account)) == mine, start
+        await assert_verified(ledger)
 
 
 def _paths() -> list[Path]:  # for the README check below

@@ -23,6 +23,7 @@ from testbed.ami_peer import PER_SECOND, authorize, load, open_account
 from testbed.replies import entries
 from tests import test_ami_meter as single_redis
 from tests.cluster_fixtures import cluster, cluster_url, redis_url, reused_tests  # noqa: F401
+from tests.conftest import assert_verified
 from tests.test_ami_meter import SHARED, START
 
 _REUSED = reused_tests(single_redis)
@@ -84,3 +85,4 @@ async def test_a_settlement_cut_short_is_completed_after_a_restart(
     await replay(Meter(ledger), rec.messages)  # the same traffic once more changes nothing
     assert (await ledger.get("alice")).balance == charged
     assert len(await logged(ledger)) == 1
+    await assert_verified(ledger)
