@@ -44,6 +44,7 @@ from testbed.replies import entries, fields
 from testbed.servers import toml_text
 from testbed.sipload import SCENARIOS
 from testbed.smtp_sink import SmtpSink, body_text
+from tests.conftest import assert_verified
 
 pytestmark = pytest.mark.pbx
 
@@ -328,6 +329,7 @@ async def system(make_pbx: Callable[..., Pbx], redis_url: str,
     sys_ = System(pbx, settings, store, ami, smtp, caplog, config)
     try:
         yield sys_
+        await assert_verified(store.ledger)  # the scenario left no mismatch (issue 13)
     finally:
         for proc in sys_.processes:
             if proc.poll() is None:

@@ -36,6 +36,7 @@ from testbed.pbx import Pbx, free_port, project_ami_user
 from testbed.replies import entries, fields
 from testbed.servers import toml_text
 from tests.cluster_fixtures import cluster, cluster_settings, cluster_url  # noqa: F401
+from tests.conftest import assert_verified
 from tests.e2e.test_system_e2e import (
     DECK,
     EUR,
@@ -220,6 +221,7 @@ async def bed(make_pbx: Callable[..., Pbx], cluster_url: str,  # noqa: F811
             servers[name] = Server(name, pbx, ami, agi_port, config, tmp_path / f"{name}.log")
         await asyncio.gather(*(s.start_serve() for s in servers.values()))
         yield Bed(store, servers)
+        await assert_verified(store.ledger)  # the scenario left no mismatch (issue 13)
     finally:
         for server in servers.values():
             await server.stop()
