@@ -128,9 +128,25 @@ def dead_letter_attempts(prefix: str, stream: str, entry_id: str) -> str:
     return f"{prefix}:{{deadletters}}:attempts:{stream}:{entry_id}"
 
 
+def web_admin(prefix: str) -> str:
+    """The scrypt hash of the web page's admin password."""
+    return f"{prefix}:web-admin"
+
+
+def web_admin_fails(prefix: str) -> str:
+    """Wrong admin passwords of the last 15 minutes (the lock-out's counter)."""
+    return f"{prefix}:web-admin:fails"
+
+
 def support_requests(prefix: str) -> str:
     """The stream of support requests from the web page (larger top-ups), for the admin."""
     return f"{prefix}:support"
+
+
+def support_credited(prefix: str) -> str:
+    """Support requests seen credited: request id -> when (the ledger forgets its
+    idempotency keys after [ledger] idempotency_days; this does not)."""
+    return f"{prefix}:support:credited"
 
 
 def sandbox_checkout(prefix: str, session_id: str) -> str:

@@ -25,6 +25,7 @@ from rich.table import Table
 
 from agi.commands import sounds
 from policy.commands import card_group, manual_topup, policy_cmd
+from policy.web.admin import web_admin
 from policy.web.support import requests_cmd
 from prepaid import config as config_mod
 from prepaid import health, holds, plans
@@ -658,4 +659,5 @@ for _command in (policy_cmd, card_group, sounds, *ops.COMMANDS, *reports.COMMAND
 main.add_command(verify_cmd)
 main.add_command(dead_letters)
 main.add_command(requests_cmd)
+main.add_command(web_admin)
 main.add_command(archive_cmd)

@@ -21,7 +21,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from policy.web import fulfil, pay, routes
+from policy.web import admin, fulfil, pay, routes
 from policy.web.checkout import Checkout, SandboxCheckout, StripeCheckout
 from policy.web.context import LOGIN_PER_MINUTE, Forbidden, Web, make_sessions, templates
 from policy.web.security import SecureHeaders
@@ -70,7 +70,8 @@ def build_app(store: Store, checkout: Checkout | None = None) -> Any:
             "minute.", csrf="", account=""), status_code=503)
 
     extra = [*pay.SANDBOX_ROUTES] if isinstance(checkout, SandboxCheckout) else []
-    app = Starlette(routes=[*routes.ROUTES, *pay.ROUTES, *extra, Route("/static/app.css", _css)],
+    app = Starlette(routes=[*routes.ROUTES, *pay.ROUTES, *admin.ROUTES, *extra,
+                            Route("/static/app.css", _css)],
                     exception_handlers={Forbidden: forbidden, PrepaidError: unavailable,
                                         **{e: unavailable for e in REDIS_ERRORS}})
     app.state.web = web

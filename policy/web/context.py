@@ -60,7 +60,7 @@ class Web:
     def render(self, name: str, session: WebSession, status: int = 200,
                **context: Any) -> Response:
         page = self.templates.get_template(name).render(
-            csrf=session.csrf, account=session.account, **context)
+            csrf=session.csrf, account=session.account, role=session.role, **context)
         response = HTMLResponse(page, status_code=status)
         self.keep(response, session)
         self.outage.success()

@@ -24,8 +24,9 @@ CSRF_FIELD = "csrf"
 
 @dataclass(frozen=True, slots=True)
 class WebSession:
-    account: str  # "" before log-in
+    account: str  # "" before log-in (and for the admin)
     csrf: str
+    role: str = "customer"  # or "admin" (policy/web/admin.py), which has no account
 
     @property
     def logged_in(self) -> bool:
@@ -33,7 +34,10 @@ class WebSession:
 
     def as_account(self, account: str) -> WebSession:
         """The session after log-in: a new CSRF token too (no fixation of the old one)."""
-        return replace(self, account=account, csrf=secrets.token_urlsafe(24))
+        return replace(self, account=account, csrf=secrets.token_urlsafe(24), role="customer")
+
+    def as_admin(self) -> WebSession:
+        return replace(self, account="", csrf=secrets.token_urlsafe(24), role="admin")
 
 
 def new_session() -> WebSession:
@@ -47,7 +51,7 @@ class Sessions:
         self.secure = secure
 
     def dump(self, session: WebSession) -> str:
-        return self.serializer.dumps(json.dumps([session.account, session.csrf]))
+        return self.serializer.dumps(json.dumps([session.account, session.csrf, session.role]))
 
     def load(self, cookie: str | None) -> WebSession | None:
         """The session the cookie holds; None if there is none, or it is forged or old."""
@@ -55,12 +59,13 @@ class Sessions:
             return None
         try:
             raw = self.serializer.loads(cookie, max_age=self.max_age)
-            account, csrf = json.loads(raw)
+            account, csrf, role = json.loads(raw)
         except (BadSignature, ValueError, TypeError):
             return None
-        if not isinstance(account, str) or not isinstance(csrf, str) or not csrf:
+        if not all(isinstance(x, str) for x in (account, csrf, role)) or not csrf or (
+                role not in ("customer", "admin")) or (role == "admin" and account):
             return None
-        return WebSession(account, csrf)
+        return WebSession(account, csrf, role)
 
     def cookie_header(self, session: WebSession | None) -> str:
         """The Set-Cookie value: HttpOnly, SameSite=Lax (Checkout's return is a top-level

@@ -7,7 +7,9 @@ A request is an entry of the stream ``<prefix>:support`` and an e-mail to
     prepaid topup 1001 250.00 --override --reference support-1733150000000-0
 
 The reference makes the credit happen at most once (ledger key ``topup:<reference>``);
-``prepaid requests`` shows a request as credited once that key exists.
+``prepaid requests`` shows a request as credited once that key exists (in any of the
+ledger's idempotency buckets), and remembers it in ``<prefix>:support:credited``, which
+outlives the ledger's idempotency window.
 """
 
 from __future__ import annotations
@@ -90,13 +92,22 @@ async def requests(store: Store, limit: int = 50) -> list[Request]:
     """The newest requests first, each marked credited once its top-up was made."""
     prefix = store.settings.redis.key_prefix
     rows: Any = await store.redis.xrevrange(keys.support_requests(prefix), count=limit)
+    seen_key = keys.support_credited(prefix)
     out = []
     for entry, fields in rows or []:
         f = {text(k): text(v) for k, v in (fields or {}).items()}
         req = Request(text(entry), f["account"], int(f["amount"]), f["currency"], f["note"],
                       float(f["time"]))
-        idem = keys.account_part(prefix, req.account, "idem")
-        credited = bool(await store.redis.hexists(idem, f"topup:{req.reference}"))
+        credited = bool(await store.redis.hexists(seen_key, req.id))
+        if not credited:
+            key = f"topup:{req.reference}"
+            buckets = [keys.account_part(prefix, req.account, "idem"),
+                       *store.ledger.idempotency_buckets(req.account)]
+            for bucket in buckets:
+                if await store.redis.hexists(bucket, key):
+                    credited = True
+                    await store.redis.hset(seen_key, req.id, f"{time.time():.3f}")
+                    break
         out.append(Request(req.id, req.account, req.amount, req.currency, req.note, req.time,
                            credited))
     return out
