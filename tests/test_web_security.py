@@ -19,7 +19,16 @@ from prepaid.store import Store
 from testbed.servers import RedisServer
 from testbed.web import WebPage
 from tests.test_policy_support import EUR, Smtp, smtp, wait_until
-from tests.web_fixtures import PIN, Browser, account, page, settings, store, web_settings
+from tests.web_fixtures import (
+    PIN,
+    Browser,
+    account,
+    csrf_of,
+    page,
+    settings,
+    store,
+    web_settings,
+)
 
 __all__ = ["page", "settings", "smtp", "store"]  # fixtures
 
@@ -270,3 +279,28 @@ async def _pings(st: Store) -> bool:
         return bool(await st.redis.ping())
     except REDIS_ERRORS:
         return False
+
+
+async def test_behind_a_reverse_proxy_its_headers_count_from_loopback(
+        redis_url: str, smtp: Smtp, store: Store) -> None:
+    await account(store)
+    with WebPage(web_settings(redis_url, smtp.port, proxy=True)) as proxied:
+        # nginx on this host: X-Forwarded-Proto https makes the page HTTPS.
+        b = Browser(proxied.url, headers={"X-Forwarded-Proto": "https"})
+        resp = await b.get("/login")
+        assert resp.headers["strict-transport-security"].startswith("max-age=31536000")
+        assert "secure" in [p.strip().lower() for p in resp.headers["set-cookie"].split(";")]
+        await b.aclose()
+        # Each customer's address is the one the proxy names: one busy client does not
+        # slow the others down.
+        codes = []
+        async with httpx.AsyncClient(base_url=proxied.url) as http:
+            for n in range(22):
+                who = {"X-Forwarded-For": f"198.51.100.{n}", "X-Forwarded-Proto": "https"}
+                form = await http.get("/login", headers=who)
+                # The cookie is Secure: the browser sends it over HTTPS to nginx; here by hand.
+                cookie = form.headers["set-cookie"].split(";")[0]
+                resp = await http.post("/login", headers={**who, "Cookie": cookie}, data={
+                    "csrf": csrf_of(form.text), "account": f"acct{n}", "pin": "1234"})
+                codes.append(resp.status_code)
+        assert codes == [401] * 22
