@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import json
 import secrets
 import sys
 
@@ -158,7 +159,8 @@ def web_admin() -> None:
 
 
 @web_admin.command("password")
-def admin_password() -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+def admin_password(as_json: bool) -> None:
     """Set the admin password of the web page, asked twice and not echoed; read from
     standard input when it is not a terminal."""
     password = (click.prompt("New admin password", hide_input=True, confirmation_prompt=True)
@@ -171,4 +173,5 @@ def admin_password() -> None:
         finally:
             await store.close()
     asyncio.run(go())  # a PrepaidError: the CLI's one line, exit status 1
-    click.echo("web admin password set")
+    click.echo(json.dumps({"web_admin": "password set"}) if as_json
+               else "web admin password set")
