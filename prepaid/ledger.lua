@@ -24,6 +24,10 @@ local held = tonumber(redis.call('HGET', acct, 'held'))
 -- Redis 7.0 has no per-field expiry: keys live in one hash per day (a bucket), each
 -- expiring after the window, and a key is looked for in every bucket of the window.
 local bucket = KEYS[6] or idem
+-- a refund or a reverse undoes its top-up or call once, and an admin's top-up (key
+-- topup:<reference>) credits once, however late it is retried: their keys are kept for
+-- good, in the account's own hash (few: each is an admin's act)
+local forever = op == 'refund' or op == 'reverse' or string.sub(key, 1, 6) == 'topup:'
 if key ~= '' then
   local prev = nil
   for i = 6, #KEYS do
@@ -31,9 +35,7 @@ if key ~= '' then
     if prev then break end
   end
   if not prev then prev = redis.call('HGET', idem, key) end
-  -- a refund or a reverse undoes its top-up or call once, however late it is retried:
-  -- its key is kept for good, in the account's own hash (few: each is an admin's act)
-  if not prev and (op == 'refund' or op == 'reverse') then
+  if not prev and forever then
     prev = redis.call('HGET', acct, 'once:' .. key)
   end
   if prev then
@@ -137,7 +139,7 @@ if key ~= '' then
   local done = table.concat({op, ARGV[3], fmt(balance), fmt(held), entry, tostring(crossed),
     fmt(hold_amount)}, '|')
   redis.call('HSET', bucket, key, done)
-  if op == 'refund' or op == 'reverse' then redis.call('HSET', acct, 'once:' .. key, done) end
+  if forever then redis.call('HSET', acct, 'once:' .. key, done) end
   if ARGV[9] then
     redis.call('EXPIRE', bucket, ARGV[9])
     -- the unbucketed hash of an older release ages out with the window too

@@ -56,9 +56,11 @@ async def test_a_retry_within_the_window_is_a_duplicate_and_later_is_not(
         await client.aclose()
 
 
-async def test_a_refund_or_reverse_is_never_applied_twice_however_late(redis_url: str) -> None:
-    """A top-up's refund (and a call's reverse) undoes it once: a retry months later, long
-    after the idempotency window, is still a duplicate."""
+async def test_a_refund_reverse_or_admin_top_up_is_never_applied_twice_however_late(
+        redis_url: str) -> None:
+    """A top-up's refund (and a call's reverse) undoes it once, and an admin's top-up
+    (``prepaid topup --reference``) credits once: a retry months later, long after the
+    idempotency window, is still a duplicate."""
     client = connect(redis_url)
     clock = Clock()
     ledger = Ledger(client, idempotency_seconds=10 * DAY, clock=clock)
@@ -74,7 +76,8 @@ async def test_a_refund_or_reverse_is_never_applied_twice_however_late(redis_url
                                      operator="admin", reason="test", force=True)
         back = await ledger.correct("reverse", "carol", 300, key="reverse:c1", ref="c1",
                                     operator="admin", reason="test")
-        assert again.duplicate and back.duplicate
+        topup = await ledger.credit("carol", 900, key="topup:t1")  # the admin's retry
+        assert again.duplicate and back.duplicate and topup.duplicate
         assert again.entry == first.entry
         assert (await ledger.get("carol")).balance == 300
     finally:
