@@ -250,6 +250,7 @@ class Call:
     cutoff_sent: bool = False
     warned: int = 0
     limit: tuple[int, bool] = (0, False)  # (blocks paid, exact) when the limit was last set
+    limit_at: int = 0  # the limit then set (us)
     release_wanted: bool = False
     released: bool = False
     cdr_billsec: int | None = None  # the sum of the channel's CDRs so far
@@ -577,13 +578,25 @@ class Tracker:
         n = call.paid + 1
         due = self.due_us(call, n)
         exact = call.refused == n
-        if call.paid and call.limit != (call.paid, exact):
+        if call.paid and self._limit_stale(call, due, exact):
             call.limit = (call.paid, exact)
             limit = due + CUT_MARGIN_US + (0 if exact else self.grace_seconds * US)
+            call.limit_at = limit
             out.append(Extend(call.ref, call.channel, max(1, (limit - self.now) // 1000), exact))
         if exact:
             return out + self._refused_next(call, info, n, due)
         return out + self._next_block(call, info, n, due)
+
+    def _limit_stale(self, call: Call, due: int, exact: bool) -> bool:
+        """Whether Asterisk's hard limit must move: at once when it becomes (or stops being)
+        the paid time itself; while blocks are paid, once the grace it keeps past the paid
+        time has shrunk below two thirds, not at every block (one AMI action a second per
+        call on a per-second deck)."""
+        if call.limit == (call.paid, exact):
+            return False
+        if exact or call.limit[1] or not call.limit[0]:
+            return True
+        return call.limit_at - due < self.grace_seconds * US * 2 // 3
 
     def _refused_next(self, call: Call, info: CallInfo, n: int, due: int) -> list[Action]:
         """Block ``n`` was refused: Asterisk ends the call where its paid time ends; ask

@@ -11,6 +11,7 @@ from ami_listener.protocol import Message, MessageSplitter, ProtocolError, actio
 from ami_listener.protocol import timestamp_us as ts
 from ami_listener.tracker import (
     US,
+    Action,
     Block,
     CallInfo,
     Cutoff,
@@ -296,3 +297,35 @@ def test_blocks_the_cdr_reached_are_owed_and_past_the_credit_mark_the_cutoff() -
     assert tracker.tick(1795315361000000) == [report]
     tracker.finished(ref)
     assert tracker.calls == {} and tracker.tick(1795315362000000) == []
+
+
+def test_the_hard_limit_moves_before_its_grace_falls_below_two_thirds_not_every_block() -> None:
+    """A 60 s call on a per-second deck: its blocks are paid one a second, but Asterisk's
+    hard limit is moved only when the grace it keeps past the paid time has shrunk below
+    two thirds (an AMI action every ~10 s, not every second), and never falls below that."""
+    tr = Tracker(grace_seconds=30, warning_seconds=0)
+    start = 1_000 * US
+    tr.tick(start)
+    info = CallInfo("alice", "4930123", PER_SECOND, hold=block_cost(PER_SECOND, 1),
+                    channel="PJSIP/a-1", answered_us=start)
+    extends: list[Extend] = []
+    paid = 0
+
+    def carry(actions: list[Action]) -> None:
+        nonlocal paid
+        while actions:
+            a = actions.pop(0)
+            if isinstance(a, PayBlock):
+                paid = a.n
+                actions += tr.paid(a.ref, a.n)
+            elif isinstance(a, Extend):
+                extends.append(a)
+                limit_at = tr.now + a.ms * 1000
+                paid_until = start + paid * US  # per second: n blocks cover n seconds
+                assert limit_at - paid_until >= 20 * US - US  # two thirds of the grace
+    carry(tr.attach("c1", info))
+    for ms in range(100, 60_000, 100):
+        carry(tr.tick(start + ms * 1000))
+    assert paid >= 60
+    assert 5 <= len(extends) <= 8, [e.ms for e in extends]
+    assert not any(e.exact for e in extends)
