@@ -25,6 +25,7 @@ from agi.routes import RouteContext, dispatch, new_context
 from prepaid import metrics
 from prepaid.config import AgiSettings
 from prepaid.errors import ConfigError, ServeError
+from prepaid.listen import listening
 from prepaid.outage import OutageLog
 from prepaid.store import Store
 
@@ -46,35 +47,10 @@ def parse_allow(entries: Sequence[str]) -> tuple[Network, ...]:
 
 
 def bind(agi: AgiSettings) -> list[socket.socket]:
-    """Listening sockets for ``[agi] listen`` (every address the host name has, as asyncio
-    does); a taken port is a ServeError with one clear line. ``prepaid serve`` binds before
-    it starts the AGI service, so a restarted AGI process inherits the same sockets and
-    connections wait in the kernel's queue meanwhile instead of being refused."""
-    try:
-        infos = socket.getaddrinfo(agi.host or None, agi.port, type=socket.SOCK_STREAM,
-                                   flags=socket.AI_PASSIVE)
-    except socket.gaierror as exc:
-        raise ServeError(f"cannot listen for FastAGI on [agi] listen {agi.listen!r}: "
-                         f"{exc.strerror}") from None
-    socks: list[socket.socket] = []
-    try:
-        for family, address in dict.fromkeys((i[0], i[4]) for i in infos):
-            sock = socket.socket(family, socket.SOCK_STREAM)
-            socks.append(sock)
-            # SO_REUSEADDR (as asyncio): a restart binds again at once. Never SO_REUSEPORT:
-            # a second serve must fail here, not listen beside the first.
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            sock.bind(address)
-            sock.listen(1024)
-            sock.setblocking(False)
-    except OSError as exc:
-        for sock in socks:
-            sock.close()
-        raise ServeError(f"cannot listen for FastAGI on [agi] listen {agi.listen!r}: "
-                         f"{(exc.strerror or str(exc)).lower()}") from None
-    return socks
+    """Listening sockets for ``[agi] listen`` (prepaid.listen); a taken port is a
+    ServeError with one clear line."""
+    return listening(agi.host, agi.port, what=f"FastAGI on [agi] listen {agi.listen!r}",
+                     backlog=1024)
 
 
 class RefusedLog:

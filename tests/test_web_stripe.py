@@ -10,7 +10,7 @@ import hmac
 import json
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -22,13 +22,14 @@ import pytest
 from policy.web import fulfil
 from policy.web.checkout import StripeCheckout
 from prepaid.config import Settings
-from prepaid.store import Store, open_store
+from prepaid.store import Store
 from testbed.servers import free_port
 from testbed.web import WebPage
 from tests.test_policy_support import EUR, Smtp, smtp
-from tests.web_fixtures import Browser, account, web_settings
+from tests.web_fixtures import Browser, account, page, store, web_settings
 
-__all__ = ["smtp"]  # fixtures
+# fixtures; store and page take this module's Stripe settings
+__all__ = ["page", "smtp", "store"]
 SECRET = "whsec_test_secret"
 
 
@@ -91,18 +92,6 @@ def settings(redis_url: str, smtp: Smtp, stripe_api: FakeStripeApi) -> Settings:
                                           stripe_api_base=stripe_api.base,
                                           stripe_webhook_secret=SECRET))
 
-
-@pytest.fixture
-async def store(settings: Settings) -> AsyncIterator[Store]:
-    st = await open_store(settings)
-    yield st
-    await st.close()
-
-
-@pytest.fixture
-def page(settings: Settings) -> Iterator[WebPage]:
-    with WebPage(settings) as running:
-        yield running
 
 
 def session(sid: str, account_id: str = "1001", amount: int = 1000, paid: bool = True,

@@ -27,7 +27,8 @@ from policy.web.context import LOGIN_PER_MINUTE, Forbidden, Web, make_sessions, 
 from policy.web.security import SecureHeaders
 from policy.web.session import RateLimit
 from prepaid.config import Settings
-from prepaid.errors import ConfigError, PrepaidError, ServeError
+from prepaid.errors import ConfigError, PrepaidError
+from prepaid.listen import listening
 from prepaid.redis_client import REDIS_ERRORS
 from prepaid.store import Store
 
@@ -80,24 +81,11 @@ def build_app(store: Store, checkout: Checkout | None = None) -> Any:
 
 
 def bind(settings: Settings) -> list[socket.socket]:
-    """The listening socket of ``[web] listen``; ServeError if it cannot be had."""
+    """The listening sockets of ``[web] listen`` (prepaid.listen); ServeError if they
+    cannot be had."""
     web = settings.web
-    try:
-        infos = socket.getaddrinfo(web.host or None, web.port, type=socket.SOCK_STREAM,
-                                   flags=socket.AI_PASSIVE)
-        socks = []
-        for family, address in dict.fromkeys((i[0], i[4]) for i in infos):
-            sock = socket.socket(family, socket.SOCK_STREAM)
-            socks.append(sock)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            sock.bind(address)
-            sock.listen(128)
-    except OSError as exc:
-        raise ServeError(f"cannot listen for the web page on [web] listen {web.listen!r}: "
-                         f"{(exc.strerror or str(exc)).lower()}") from None
-    return socks
+    return listening(web.host, web.port, what=f"the web page on [web] listen {web.listen!r}",
+                     backlog=128)
 
 
 class _Server(uvicorn.Server):
