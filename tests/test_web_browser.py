@@ -19,6 +19,7 @@ from policy.gateway import SandboxGateway
 from prepaid.config import Settings
 from prepaid.store import open_store
 from testbed.web import WebPage, browser_missing, chromium, screenshot
+from tests.conftest import assert_verified
 from tests.test_policy_support import EUR, Smtp, body, mailer, smtp, worker
 from tests.web_fixtures import PIN, account, settings
 
@@ -169,3 +170,4 @@ def test_a_customer_logs_in_stores_a_card_sets_automatic_top_up_and_adds_credit(
         "01-login.png", "02-account.png", "03-sandbox-setup.png", "04-policy-saved.png",
         "05-sandbox-payment.png", "06-credited.png", "07-after-automatic-top-up.png"]
     assert all(s.stat().st_size > 10_000 for s in p.shots)
+    asyncio.run(assert_verified(settings.redis.url))  # the walk-through left no mismatch
