@@ -10,10 +10,7 @@ and a customer's is no admin's.
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import json
-import secrets
 import sys
 
 import click
@@ -25,39 +22,22 @@ from policy.web import support, views
 from policy.web.routes import web_of
 from policy.web.session import WebSession, new_session
 from prepaid import config as config_mod
-from prepaid import holds, keys, lua
+from prepaid import holds, keys
 from prepaid.config import Settings
 from prepaid.errors import InputError
-from prepaid.pins import LOCK_SECONDS, MAX_FAILURES
+from prepaid.pins import attempt_allowed, hash_pin, pin_matches
 from prepaid.redis_client import text
 from prepaid.store import Store, open_store
 
 ADMIN = "admin"  # the session's role
 MIN_PASSWORD = 12
 MAX_ACCOUNTS = 200  # shown on the page (the CLI lists them all)
-_N, _R, _P = 2**14, 8, 1
-
-
-def _hash(password: str, salt: bytes) -> str:
-    digest = hashlib.scrypt(password.encode(), salt=salt, n=_N, r=_R, p=_P, dklen=32)
-    return f"scrypt${salt.hex()}${digest.hex()}"
-
-
-def _matches(password: str, stored: str) -> bool:
-    try:
-        scheme, salt, _ = stored.split("$")
-        raw = bytes.fromhex(salt)
-    except ValueError:
-        return False
-    return scheme == "scrypt" and hmac.compare_digest(_hash(password, raw), stored)
-
-
 async def set_password(store: Store, password: str) -> None:
     if len(password) < MIN_PASSWORD or not password.isprintable():
         raise InputError(f"the admin password must be at least {MIN_PASSWORD} printable "
                          "characters")
     prefix = store.settings.redis.key_prefix
-    stored = await asyncio.to_thread(_hash, password, secrets.token_bytes(16))
+    stored = await asyncio.to_thread(hash_pin, password)  # the PINs' scrypt hash
     await store.redis.set(keys.web_admin(prefix), stored)
     await store.redis.delete(keys.web_admin_fails(prefix))
 
@@ -65,12 +45,10 @@ async def set_password(store: Store, password: str) -> None:
 async def check_password(store: Store, password: str) -> str:
     """"ok", "wrong" (also when none is set) or "locked"; every attempt counts first."""
     prefix = store.settings.redis.key_prefix
-    attempt = store.redis.register_script(lua.PIN_ATTEMPT)
-    if int(await attempt(keys=[keys.web_admin_fails(prefix)],
-                         args=[MAX_FAILURES, LOCK_SECONDS])) <= 0:
+    if not await attempt_allowed(store.redis, keys.web_admin_fails(prefix)):
         return "locked"
     stored = await store.redis.get(keys.web_admin(prefix))
-    if not stored or not await asyncio.to_thread(_matches, password[:200], text(stored)):
+    if not stored or not await asyncio.to_thread(pin_matches, password[:200], text(stored)):
         return "wrong"
     await store.redis.delete(keys.web_admin_fails(prefix))
     return "ok"
